@@ -1,0 +1,136 @@
+"""Batched generation with a per-prompt result cache.
+
+Prompts are sorted by length so each batch pads little, padded on the left, and
+generated together. Each finished completion is appended to a ``ResultCache``
+keyed by model, prompt and decoding settings, so an interrupted run resumes
+where it stopped and a rerun with the same settings generates nothing.
+
+With greedy decoding in float32, batched outputs equal one-at-a-time outputs.
+Sampling draws from one seeded generator per batch, so sampled outputs depend
+on how prompts are batched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm.auto import tqdm
+
+from sdft.config import GenerationConfig
+from sdft.io import ResultCache, stable_hash
+
+logger = logging.getLogger(__name__)
+
+
+def decoding_settings(settings: GenerationConfig, max_new_tokens: int | None = None) -> dict:
+    """Return the settings that change outputs, as recorded with every result."""
+    chosen = {"mode": settings.mode, "max_new_tokens": max_new_tokens or settings.max_new_tokens}
+    if settings.mode == "sample":
+        chosen.update(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            seed=settings.seed,
+        )
+    return chosen
+
+
+def generate(
+    loaded,
+    prompts: list[str],
+    settings: GenerationConfig,
+    model_key: str,
+    cache: ResultCache | None = None,
+    max_new_tokens: int | None = None,
+    description: str = "generating",
+) -> list[str]:
+    """Generate one completion per prompt, reusing cached ones.
+
+    Args:
+        loaded: A ``LoadedModel``.
+        prompts: Fully rendered prompts; special tokens are already in the text.
+        settings: Decoding settings.
+        model_key: Identity of model plus adapter, part of every cache key.
+        cache: Where finished completions are stored and looked up.
+        max_new_tokens: Overrides ``settings.max_new_tokens``.
+        description: Label of the progress bar.
+
+    Returns:
+        Completions in the order of ``prompts``, without the prompt text.
+    """
+    decoding = decoding_settings(settings, max_new_tokens)
+    keys = [stable_hash(model_key, decoding, prompt) for prompt in prompts]
+    results: dict[int, str] = {}
+    pending = []
+    for index, key in enumerate(keys):
+        if cache is not None and key in cache:
+            results[index] = cache.get(key)
+        else:
+            pending.append(index)
+    if len(results):
+        logger.info("%s: %d of %d completions found in the cache", description, len(results), len(prompts))
+
+    tokenizer = loaded.tokenizer
+    lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False).input_ids) for i in pending}
+    pending.sort(key=lambda i: -lengths[i])
+    batches = [pending[i : i + settings.batch_size] for i in range(0, len(pending), settings.batch_size)]
+
+    progress = tqdm(total=len(prompts), initial=len(results), desc=description, unit="prompt")
+    new_tokens, started = 0, time.perf_counter()
+    for number, batch in enumerate(batches):
+        completions, produced = generate_batch(loaded, [prompts[i] for i in batch], settings, decoding, number)
+        for index, completion in zip(batch, completions):
+            results[index] = completion
+            if cache is not None:
+                cache.put(keys[index], completion)
+        new_tokens += produced
+        progress.update(len(batch))
+        progress.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.1f}")
+    progress.close()
+    if batches:
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "%s: %d completions, %d new tokens in %.1f s (%.1f tokens/s)",
+            description, len(pending), new_tokens, elapsed, new_tokens / max(elapsed, 1e-9),
+        )
+    return [results[i] for i in range(len(prompts))]
+
+
+def generate_batch(loaded, prompts, settings, decoding, batch_number) -> tuple[list[str], int]:
+    """Generate for one batch; return completions and the count of real new tokens."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = {name: tensor.to(loaded.device) for name, tensor in inputs.items()}
+    options = {
+        "max_new_tokens": decoding["max_new_tokens"],
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": end_token_ids(tokenizer, model),
+    }
+    if settings.mode == "sample":
+        torch.manual_seed(settings.seed + batch_number)
+        options.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    else:
+        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **options)
+    new = output[:, inputs["input_ids"].shape[1] :]
+    completions = tokenizer.batch_decode(new, skip_special_tokens=True)
+    produced = int((new != tokenizer.pad_token_id).sum())
+    return [completion.strip() for completion in completions], produced
+
+
+def end_token_ids(tokenizer, model) -> list[int]:
+    """Collect the ids that end a turn: the tokenizer's EOS and the model's own."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(ids)

@@ -1,0 +1,148 @@
+"""The comparison: seed vs vanilla fine-tuning vs SDFT, evaluated and reported.
+
+    sdft run configs/quickstart.yaml --output-dir runs/quickstart
+
+Stages, each skipped when its outputs already exist (so a rerun resumes):
+    1. evaluate the seed model                    eval/seed/
+    2. fine-tune on the original responses        vanilla/
+    3. distill: rewrite and select                distill/
+    4. fine-tune on the distilled responses       sdft/
+    5. evaluate both fine-tuned models            eval/vanilla/, eval/sdft/
+    6. drift from the seed, report                results.json, report.md, plots/
+
+All generations go through one cache (cache/generations.jsonl), so a killed run
+loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sdft.config import Config, ConfigError
+from sdft.data import Record, load_dataset_records, records_fingerprint
+from sdft.io import ResultCache, atomic_write_json, folder_lock, read_json, stable_hash
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+MODELS = ("seed", "vanilla", "sdft")
+
+
+def validate_inputs(config: Config) -> tuple[list[Record], str]:
+    """Load the training data and benchmarks and resolve the model before any heavy work.
+
+    Returns the training records and the resolved model path.
+    """
+    from sdft.evaluation import BENCHMARKS, load_benchmark
+    from sdft.models import ModelError, load_tokenizer, resolve_model_path
+
+    records = load_training_records(config)
+    for name in config.eval.benchmarks:
+        load_benchmark(BENCHMARKS[name], config)
+    path = resolve_model_path(config.model.name)
+    try:
+        load_tokenizer(path)
+    except OSError as err:
+        raise ModelError(
+            f"{config.model.name}: cannot load the tokenizer ({str(err).splitlines()[0]}); check "
+            "the name, or download the model first when the Hugging Face Hub is unreachable"
+        ) from err
+    return records, path
+
+
+def load_training_records(config: Config) -> list[Record]:
+    return load_dataset_records(
+        config.data.train,
+        data_dir=config.data.data_dir,
+        format=config.data.format,
+        columns=config.data.columns,
+        limit=config.data.limit,
+    )
+
+
+def run(config: Config) -> dict:
+    """Run every stage of the comparison into ``config.output_dir``; return the results."""
+    records, model_path = validate_inputs(config)
+    output_dir = Path(config.output_dir)
+    with folder_lock(output_dir):
+        claim_folder(output_dir, config, records)
+        cache = ResultCache(output_dir / "cache" / "generations.jsonl")
+        try:
+            run_stages(config, records, model_path, output_dir, cache)
+        finally:
+            cache.close()
+        from sdft.report import write_report
+
+        return write_report(config, output_dir)
+
+
+def claim_folder(output_dir: Path, config: Config, records: list[Record]) -> None:
+    """Record this run's identity, or reject a folder that holds a different run."""
+    identity = {"config": config.to_dict(), "data_hash": records_fingerprint(records)}
+    identity["key"] = stable_hash(identity["config"], identity["data_hash"])
+    run_file = output_dir / RUN_FILE
+    if run_file.exists():
+        previous = read_json(run_file)
+        if previous.get("key") != identity["key"]:
+            changed = changed_keys(previous.get("config", {}), identity["config"])
+            if previous.get("data_hash") != identity["data_hash"]:
+                changed.append("training data")
+            raise ConfigError(
+                f"{output_dir}: folder holds a different run (changed: {', '.join(changed) or 'unknown'}); "
+                "choose another --output-dir, or delete the folder to start over"
+            )
+        logger.info("resuming the run in %s", output_dir)
+        return
+    atomic_write_json(run_file, identity)
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def run_stages(config: Config, records, model_path: str, output_dir: Path, cache: ResultCache) -> None:
+    from sdft.distill import DISTILLED_FILE, distill
+    from sdft.evaluation import SCORES_FILE, evaluate
+    from sdft.models import load_model, model_fingerprint
+    from sdft.training import ADAPTER_DIR, train
+
+    seed = None
+    if not (output_dir / "eval" / "seed" / SCORES_FILE).exists():
+        seed = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
+        logger.info("stage 1/5: evaluating the seed model")
+        evaluate(config, seed, model_fingerprint(seed.path), output_dir / "eval" / "seed", cache, "seed")
+
+    if not (output_dir / "distill" / DISTILLED_FILE).exists():
+        seed = seed or load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
+        logger.info("stage 2/5: distilling %d records", len(records))
+        distill(config, records, seed, output_dir / "distill", cache)
+    del seed
+
+    distilled = load_dataset_records(str(output_dir / "distill" / DISTILLED_FILE), format=config.data.format, columns=config.data.columns)
+    for label, data in (("vanilla", records), ("sdft", distilled)):
+        if not (output_dir / label / ADAPTER_DIR).exists():
+            logger.info("stage 3/5: %s fine-tuning on %d records", label, len(data))
+            train(config, data, output_dir / label, model_path)
+
+    for label in ("vanilla", "sdft"):
+        eval_dir = output_dir / "eval" / label
+        if (eval_dir / SCORES_FILE).exists():
+            continue
+        weights = str(output_dir / label / ADAPTER_DIR)
+        logger.info("stage 4/5: evaluating the %s model", label)
+        if config.train.method == "lora":
+            loaded = load_model(model_path, adapter=weights, device=config.model.device, dtype=config.model.dtype)
+            key = model_fingerprint(model_path, weights)
+        else:
+            loaded = load_model(weights, device=config.model.device, dtype=config.model.dtype)
+            key = model_fingerprint(weights)
+        evaluate(config, loaded, key, eval_dir, cache, label)
+        del loaded

@@ -1,0 +1,206 @@
+"""The comparison report: one row per model, one column per metric, deltas from the seed.
+
+Reads what the pipeline stages wrote into a run folder and writes
+``results.json``, ``report.md`` and ``plots/*.png`` beside them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from sdft.io import atomic_save_figure, atomic_write_json, atomic_write_text, read_json
+from sdft.provenance import provenance
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("seed", "vanilla", "sdft")
+COLUMNS = {
+    "gsm8k": ("GSM8K acc", "accuracy"),
+    "multiarith": ("MultiArith acc", "accuracy"),
+    "advbench": ("AdvBench raw safe", "safe_rate"),
+    "advbench_jailbreak": ("AdvBench jailbreak safe", "safe_rate"),
+}
+DRIFT_BENCHMARK = "advbench"
+
+
+def write_report(config, run_dir: Path) -> dict:
+    """Collect scores, drift and distillation statistics; write results, report and plots."""
+    from sdft.evaluation import SCORES_FILE, drift
+
+    scores = {}
+    for model in MODELS:
+        path = run_dir / "eval" / model / SCORES_FILE
+        if path.exists():
+            scores[model] = {name: entry[COLUMNS[name][1]] for name, entry in read_json(path)["benchmarks"].items()}
+
+    drifts = {}
+    if config.eval.drift and DRIFT_BENCHMARK in config.eval.benchmarks:
+        for model in ("vanilla", "sdft"):
+            if model in scores:
+                drifts[model] = drift(
+                    run_dir / "eval" / "seed", run_dir / "eval" / model, DRIFT_BENCHMARK, config.eval.embedding_model
+                )
+
+    distill_stats = read_optional(run_dir / "distill" / "distill_stats.json")
+    results = {
+        "scores": scores,
+        "deltas": deltas(scores),
+        "drift": {model: {k: v for k, v in d.items() if k != "similarities"} for model, d in drifts.items()},
+        "selection": {k: v for k, v in (distill_stats or {}).items() if k not in ("provenance", "nll_gap")},
+        "nll_gap": (distill_stats or {}).get("nll_gap"),
+        "training": {model: training_summary(run_dir / model) for model in ("vanilla", "sdft")},
+        "provenance": provenance(
+            config,
+            sorted({config.distill.template, config.train.template, config.eval.template, "alpaca", "alpaca_gcg"}),
+        ),
+    }
+    atomic_write_json(run_dir / "results.json", results)
+    plots = write_plots(run_dir, drifts)
+    atomic_write_text(run_dir / "report.md", render_markdown(config, results, plots))
+    logger.info("report written to %s", run_dir / "report.md")
+    return results
+
+
+def read_optional(path: Path):
+    return read_json(path) if path.exists() else None
+
+
+def training_summary(folder: Path) -> dict | None:
+    meta = read_optional(folder / "train_meta.json")
+    if meta is None:
+        return None
+    return {key: meta.get(key) for key in ("train_loss", "steps", "seconds", "tokens_per_second", "examples")}
+
+
+def deltas(scores: dict) -> dict:
+    """Subtract the seed's score from every other model's, metric by metric."""
+    seed = scores.get("seed", {})
+    return {
+        model: {name: value - seed[name] for name, value in values.items() if name in seed}
+        for model, values in scores.items()
+        if model != "seed"
+    }
+
+
+def format_cell(value: float | None, delta: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    cell = f"{100 * value:.1f}"
+    if delta is not None:
+        cell += f" ({100 * delta:+.1f})"
+    return cell
+
+
+def comparison_table(results: dict) -> str:
+    """Render the main table: a row per model, a column per metric, deltas in brackets."""
+    scores, delta = results["scores"], results["deltas"]
+    names = [name for name in COLUMNS if any(name in values for values in scores.values())]
+    header = ["model"] + [COLUMNS[name][0] for name in names] + ["similarity to seed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in MODELS:
+        if model not in scores:
+            continue
+        cells = [model]
+        for name in names:
+            cells.append(format_cell(scores[model].get(name), delta.get(model, {}).get(name)))
+        drift = results["drift"].get(model)
+        cells.append(f"{drift['mean_similarity']:.3f}" if drift else ("1.000" if model == "seed" else "n/a"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(config, results: dict, plots: list[str]) -> str:
+    parts = [
+        "# SDFT comparison report",
+        "",
+        f"Seed model: `{config.model.name}`; training data: `{config.data.train}`"
+        f" ({results['selection'].get('records', '?')} records); method: {config.train.method}.",
+        "",
+        "Scores in %, change from the seed in brackets. Similarity: mean cosine similarity "
+        "(all-MiniLM-L6-v2) between each model's AdvBench answers and the seed's.",
+        "",
+        comparison_table(results),
+        "",
+    ]
+    selection = results["selection"]
+    if selection:
+        rejected = ", ".join(f"{reason} {count}" for reason, count in selection["rejected"].items()) or "none"
+        parts += [
+            "## Distillation",
+            "",
+            f"Rewrites accepted: {selection['accepted']} of {selection['records']} "
+            f"({100 * selection['acceptance_rate']:.1f}%); rejected: {rejected}. "
+            "Rejected rewrites fall back to the original response.",
+            "",
+        ]
+    gap = results.get("nll_gap")
+    if gap:
+        parts += [
+            "Seed model's mean negative log-likelihood per response token (lower is closer to "
+            "its own distribution):",
+            "",
+            "| responses | NLL |",
+            "|---|---|",
+            f"| original | {gap['original']:.3f} |",
+            f"| distilled (rewrites + fallbacks) | {gap['distilled']:.3f} |",
+        ]
+        if "accepted_rewrite" in gap:
+            parts += [
+                f"| accepted records, original | {gap['accepted_original']:.3f} |",
+                f"| accepted records, rewrite | {gap['accepted_rewrite']:.3f} |",
+            ]
+        parts.append("")
+    parts += ["## Training", "", "| model | steps | final loss | seconds | tokens/s |", "|---|---|---|---|---|"]
+    for model, summary in results["training"].items():
+        if summary:
+            parts.append(
+                f"| {model} | {summary['steps']} | {summary['train_loss']:.4f} | {summary['seconds']} | "
+                f"{summary['tokens_per_second'] or 'n/a'} |"
+            )
+    parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    parts += [
+        "",
+        "## Settings",
+        "",
+        f"Rendering: {config.prompt.rendering}; rewrite template `{config.distill.template}`, training "
+        f"template `{config.train.template}`, math evaluation template `{config.eval.template}`.",
+        f"Decoding (rewrite): {config.distill.generation.mode}; decoding (evaluation): "
+        f"{config.eval.generation.mode}. Full settings, versions and hashes: `results.json`.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write_plots(run_dir: Path, drifts: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if drifts:
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        for model, drift in drifts.items():
+            axes.hist(drift["similarities"], bins=30, range=(-1, 1), alpha=0.55, label=f"{model} (mean {drift['mean_similarity']:.3f})")
+        axes.set_xlabel("cosine similarity to the seed's answer")
+        axes.set_ylabel("prompts")
+        axes.legend()
+        atomic_save_figure(figure, run_dir / "plots" / "similarity.png")
+        plt.close(figure)
+        written.append("plots/similarity.png")
+
+    curves = {model: read_optional(run_dir / model / "losses.json") for model in ("vanilla", "sdft")}
+    if any(curves.values()):
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        for model, losses in curves.items():
+            if losses:
+                axes.plot([e["step"] for e in losses], [e["loss"] for e in losses], marker=".", label=model)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("training loss")
+        axes.legend()
+        atomic_save_figure(figure, run_dir / "plots" / "loss.png")
+        plt.close(figure)
+        written.append("plots/loss.png")
+    return written
