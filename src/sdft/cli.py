@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = add_command(commands, "eval", "evaluate a model, with or without adapter", eval_command)
     evaluate.add_argument("--adapter", help="PEFT adapter folder written by 'sdft train'")
-    evaluate.add_argument("--benchmarks", help="comma-separated: gsm8k,multiarith,advbench,advbench_jailbreak")
+    evaluate.add_argument("--benchmarks", help="comma-separated benchmark names, e.g. gsm8k,advbench")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples of each benchmark")
     evaluate.add_argument("--output-dir", required=True, help="folder for scores.json and per-example outputs")
 
@@ -163,7 +163,8 @@ def eval_command(args) -> int:
     loaded = load_model(config.model.name, adapter=args.adapter, device=config.model.device, dtype=config.model.dtype)
     with folder_lock(output_dir), ResultCache(output_dir / "cache" / "generations.jsonl") as cache:
         label = "adapter" if args.adapter else "model"
-        scores = evaluate(config, loaded, model_fingerprint(loaded.path, args.adapter), output_dir, cache, label)
+        key = model_fingerprint(loaded.path, args.adapter)
+        scores = evaluate(config, loaded, key, output_dir, cache, label, adapter=args.adapter)
         if args.adapter and config.eval.drift and "advbench" in config.eval.benchmarks:
             # Drift needs the base model's answers to the same prompts; the cache keeps them for reruns.
             del loaded
@@ -172,8 +173,10 @@ def eval_command(args) -> int:
             result = drift(output_dir / "base", output_dir, "advbench", config.eval.embedding_model)
             atomic_write_json(output_dir / "drift.json", result)
             print(f"similarity to the base model on advbench: {result['mean_similarity']:.3f}")
+    from sdft.benchmarks import REGISTRY
+
     for name, entry in scores.items():
-        metric = "accuracy" if "accuracy" in entry else "safe_rate"
+        metric = REGISTRY[name].metric
         print(f"{name}: {metric} {100 * entry[metric]:.1f}% on {entry['examples']} examples")
     return 0
 

@@ -21,8 +21,10 @@ import yaml
 
 from sdft.prompts import TEMPLATES
 
+from sdft.benchmarks import benchmark_names
+
 CHECKS = ("math", "openfunction", "code", "none")
-BENCHMARKS = ("gsm8k", "multiarith", "advbench", "advbench_jailbreak")
+BENCHMARKS = benchmark_names()
 
 
 class ConfigError(ValueError):
@@ -179,10 +181,32 @@ class TrainConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """A judge model: a local model (Hub id, folder, .gguf, embedded) or an OpenAI-compatible endpoint."""
+
+    model: str | None = None
+    """Local judge model; with an endpoint, the model name sent to it."""
+    endpoint: str | None = None
+    """Base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable that holds the endpoint's API key (never written to outputs)."""
+    max_new_tokens: int = 16
+    batch_size: int = 8
+
+    def __post_init__(self):
+        check_positive("judge.max_new_tokens", self.max_new_tokens)
+        check_positive("judge.batch_size", self.batch_size)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.model or self.endpoint)
+
+
+@dataclass
 class EvalConfig:
     """Benchmarks and drift measures."""
 
-    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k", "multiarith", "advbench", "advbench_jailbreak"])
     template: str = "gsm8k_infer"
     """Template for the math benchmarks."""
     limit: int | None = None
@@ -196,6 +220,16 @@ class EvalConfig:
     """Embedding similarity of each model's AdvBench answers to the seed's."""
     embedding_model: str = "auto"
     """Sentence-transformers model for drift; auto uses the packaged all-MiniLM-L6-v2."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Pairwise judge for AlpacaEval win rates."""
+    alpaca_eval_reference: str = "1.0"
+    """AlpacaEval reference outputs: 1.0 (text-davinci-003) or 2.0 (gpt4_turbo)."""
+    safety_judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Classifier judge for advbench_judge, e.g. a Llama Guard checkpoint."""
+    harness_batch_size: int = 8
+    """Batch size of lm-evaluation-harness log-likelihood requests."""
+    rerun: bool = False
+    """Recompute benchmarks whose results already exist in the output folder."""
 
     def __post_init__(self):
         check_choice("eval.template", self.template, tuple(TEMPLATES))
@@ -206,6 +240,8 @@ class EvalConfig:
                 check_choice(f"eval.{mapping}", name, BENCHMARKS)
                 check_positive(f"eval.{mapping}.{name}", value)
         check_positive("eval.limit", self.limit)
+        check_positive("eval.harness_batch_size", self.harness_batch_size)
+        check_choice("eval.alpaca_eval_reference", self.alpaca_eval_reference, ("1.0", "2.0"))
 
     def limit_for(self, benchmark: str) -> int | None:
         return self.limits.get(benchmark, self.limit)
@@ -342,6 +378,8 @@ def convert(hint, value, name: str):
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads 1.0 or 2 as numbers; text fields take them as written.
     if hint in (float, str) and not isinstance(value, hint):
         expected = "a number" if hint is float else "text"
         raise ConfigError(f"{name}: expected {expected}, got {value!r}")

@@ -2,14 +2,10 @@
 
     sdft eval configs/quickstart.yaml --adapter runs/x/sdft/adapter --output-dir runs/x/eval/sdft
 
-Benchmarks (each limited by ``eval.limit`` or ``eval.limits``):
-    gsm8k               GSM8K test, gsm8k_infer prompt, last-number accuracy
-    multiarith          MultiArith, same prompt and rule
-    advbench            AdvBench harmful behaviours, alpaca prompt, keyword safe rate
-    advbench_jailbreak  the same with the alpaca_gcg suffix
-
-For every benchmark the output folder gets ``<name>.jsonl`` (prompt, completion,
-reference, score per example); ``scores.json`` collects the numbers.
+Benchmarks live in ``sdft.benchmarks`` (each limited by ``eval.limit`` or
+``eval.limits``). For every benchmark the output folder gets ``<name>.jsonl``
+(prompt, completion, reference, score per example); ``scores.json`` collects
+the numbers.
 """
 
 from __future__ import annotations
@@ -18,49 +14,44 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdft.benchmarks import REGISTRY, load_runner
 from sdft.config import Config
-from sdft.data import Record, load_dataset_records
-from sdft.generation import decoding_settings, generate
-from sdft.io import ResultCache, atomic_write_json, atomic_write_jsonl
-from sdft.metrics import cosine_similarities, histogram, is_refusal, math_correct, mean
+from sdft.data import Record
+from sdft.io import ResultCache, atomic_write_json
+from sdft.metrics import cosine_similarities, histogram, mean
 from sdft.models import LoadedModel
-from sdft.prompts import Template, get_template, render_prompt, resolve_rendering
+from sdft.prompts import Template, resolve_rendering
 
 logger = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.json"
 
 
-@dataclass(frozen=True)
-class Benchmark:
-    """A generative benchmark: its dataset, prompt template and metric."""
+@dataclass
+class EvalContext:
+    """What a benchmark needs to evaluate one model.
 
-    name: str
-    dataset: str
-    template: str | None
-    metric: str
-    """``accuracy`` (last-number rule) or ``safe_rate`` (refusal keywords)."""
+    Attributes:
+        config: The run's configuration (``eval`` section, data directory).
+        loaded: The model to evaluate, adapter merged, ready to generate.
+        model_key: Identity of model plus adapter, part of every cache key.
+        model_path: The base model folder or Hub id.
+        adapter: The PEFT adapter folder, or None for the base model.
+        output_dir: Folder for ``<benchmark>.jsonl`` files.
+        cache: Generation cache shared by every model of a run.
+        label: Model name in logs and reports (seed, vanilla, sdft).
+        rendering: ``raw`` or ``chat``, already resolved.
+    """
 
-
-BENCHMARKS = {
-    "gsm8k": Benchmark("gsm8k", "gsm8k_test", None, "accuracy"),
-    "multiarith": Benchmark("multiarith", "multiarith", None, "accuracy"),
-    "advbench": Benchmark("advbench", "advbench", "alpaca", "safe_rate"),
-    "advbench_jailbreak": Benchmark("advbench_jailbreak", "advbench", "alpaca_gcg", "safe_rate"),
-}
-
-
-def benchmark_template(benchmark: Benchmark, config: Config) -> Template:
-    return get_template(benchmark.template or config.eval.template)
-
-
-def load_benchmark(benchmark: Benchmark, config: Config) -> list[Record]:
-    return load_dataset_records(
-        benchmark.dataset,
-        data_dir=config.data.data_dir,
-        limit=config.eval.limit_for(benchmark.name),
-        require_response=benchmark.metric == "accuracy",
-    )
+    config: Config
+    loaded: LoadedModel
+    model_key: str
+    model_path: str
+    adapter: str | None
+    output_dir: Path
+    cache: ResultCache
+    label: str
+    rendering: str
 
 
 def evaluate(
@@ -70,54 +61,31 @@ def evaluate(
     output_dir: Path,
     cache: ResultCache,
     label: str,
+    adapter: str | None = None,
 ) -> dict:
     """Run every configured benchmark on one model; write per-example files and scores."""
-    rendering = resolve_rendering(config.prompt.rendering, loaded.tokenizer)
+    context = EvalContext(
+        config=config,
+        loaded=loaded,
+        model_key=model_key,
+        model_path=loaded.path,
+        adapter=adapter,
+        output_dir=output_dir,
+        cache=cache,
+        label=label,
+        rendering=resolve_rendering(config.prompt.rendering, loaded.tokenizer),
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
     scores = {}
     for name in config.eval.benchmarks:
-        benchmark = BENCHMARKS[name]
-        records = load_benchmark(benchmark, config)
-        template = benchmark_template(benchmark, config)
-        prompts = [render_prompt(template, record, loaded.tokenizer, rendering) for record in records]
-        completions = generate(
-            loaded,
-            prompts,
-            config.eval.generation,
-            model_key,
-            cache=cache,
-            max_new_tokens=config.eval.max_new_tokens.get(name),
-            description=f"{label} {name}",
+        spec = REGISTRY[name]
+        scores[name] = load_runner(name)(context, config.eval.limit_for(name))
+        logger.info(
+            "%s %s: %s %.4f on %d examples",
+            label, name, spec.metric, scores[name][spec.metric], scores[name]["examples"],
         )
-        rows = score_examples(benchmark, records, prompts, completions)
-        atomic_write_jsonl(output_dir / f"{name}.jsonl", rows)
-        scores[name] = {
-            benchmark.metric: mean(row["score"] for row in rows),
-            "examples": len(rows),
-            "template": template.name,
-            "decoding": decoding_settings(config.eval.generation, config.eval.max_new_tokens.get(name)),
-        }
-        logger.info("%s %s: %s %.4f on %d examples", label, name, benchmark.metric, scores[name][benchmark.metric], len(rows))
-    atomic_write_json(output_dir / SCORES_FILE, {"model": label, "rendering": rendering, "benchmarks": scores})
+    atomic_write_json(output_dir / SCORES_FILE, {"model": label, "rendering": context.rendering, "benchmarks": scores})
     return scores
-
-
-def score_examples(benchmark: Benchmark, records, prompts, completions) -> list[dict]:
-    rows = []
-    for record, prompt, completion in zip(records, prompts, completions):
-        if benchmark.metric == "accuracy":
-            score = float(math_correct(completion, record.response))
-        else:
-            score = float(is_refusal(completion))
-        rows.append(
-            {
-                "id": record.id,
-                "prompt": prompt,
-                "completion": completion,
-                "reference": record.response,
-                "score": score,
-            }
-        )
-    return rows
 
 
 def read_completions(eval_dir: Path, benchmark: str) -> list[str]:

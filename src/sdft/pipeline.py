@@ -34,12 +34,10 @@ def validate_inputs(config: Config) -> tuple[list[Record], str]:
 
     Returns the training records and the resolved model path.
     """
-    from sdft.evaluation import BENCHMARKS, load_benchmark
     from sdft.models import ModelError, load_tokenizer, resolve_model_path
 
     records = load_training_records(config)
-    for name in config.eval.benchmarks:
-        load_benchmark(BENCHMARKS[name], config)
+    check_benchmark_data(config)
     path = resolve_model_path(config.model.name)
     try:
         load_tokenizer(path)
@@ -49,6 +47,15 @@ def validate_inputs(config: Config) -> tuple[list[Record], str]:
             "the name, or download the model first when the Hugging Face Hub is unreachable"
         ) from err
     return records, path
+
+
+def check_benchmark_data(config: Config) -> None:
+    """Load the first record of every dataset-backed benchmark so a missing file fails early."""
+    from sdft.benchmarks import REGISTRY
+
+    for name in config.eval.benchmarks:
+        for dataset in REGISTRY[name].datasets:
+            load_dataset_records(dataset, data_dir=config.data.data_dir, limit=1, require_response=False)
 
 
 def load_training_records(config: Config) -> list[Record]:
@@ -144,5 +151,5 @@ def run_stages(config: Config, records, model_path: str, output_dir: Path, cache
         else:
             loaded = load_model(weights, device=config.model.device, dtype=config.model.dtype)
             key = model_fingerprint(weights)
-        evaluate(config, loaded, key, eval_dir, cache, label)
+        evaluate(config, loaded, key, eval_dir, cache, label, adapter=weights if config.train.method == "lora" else None)
         del loaded

@@ -15,13 +15,9 @@ from sdft.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
+from sdft.benchmarks import REGISTRY
+
 MODELS = ("seed", "vanilla", "sdft")
-COLUMNS = {
-    "gsm8k": ("GSM8K acc", "accuracy"),
-    "multiarith": ("MultiArith acc", "accuracy"),
-    "advbench": ("AdvBench raw safe", "safe_rate"),
-    "advbench_jailbreak": ("AdvBench jailbreak safe", "safe_rate"),
-}
 DRIFT_BENCHMARK = "advbench"
 
 
@@ -33,7 +29,8 @@ def write_report(config, run_dir: Path) -> dict:
     for model in MODELS:
         path = run_dir / "eval" / model / SCORES_FILE
         if path.exists():
-            scores[model] = {name: entry[COLUMNS[name][1]] for name, entry in read_json(path)["benchmarks"].items()}
+            benchmarks = read_json(path)["benchmarks"]
+            scores[model] = {name: entry[REGISTRY[name].metric] for name, entry in benchmarks.items() if name in REGISTRY}
 
     drifts = {}
     if config.eval.drift and DRIFT_BENCHMARK in config.eval.benchmarks:
@@ -96,8 +93,8 @@ def format_cell(value: float | None, delta: float | None) -> str:
 def comparison_table(results: dict) -> str:
     """Render the main table: a row per model, a column per metric, deltas in brackets."""
     scores, delta = results["scores"], results["deltas"]
-    names = [name for name in COLUMNS if any(name in values for values in scores.values())]
-    header = ["model"] + [COLUMNS[name][0] for name in names] + ["similarity to seed"]
+    names = [name for name in REGISTRY if any(name in values for values in scores.values())]
+    header = ["model"] + [REGISTRY[name].column for name in names] + ["similarity to seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in MODELS:
         if model not in scores:

@@ -1,0 +1,52 @@
+"""Training examples: the loss mask covers exactly the response and end-of-turn tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdft.data import Record
+from sdft.models import load_tokenizer, resolve_model_path
+from sdft.prompts import get_template
+from sdft.training import build_example, build_examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model_path("embedded"))
+
+
+RECORD = Record("0", "What is 2 + 3?", "2 + 3 = 5.\nThe answer is 5.")
+
+
+def test_chat_mask_covers_response_and_end(tokenizer):
+    example = build_example(RECORD, get_template("gsm8k"), tokenizer, "chat")
+    supervised = [t for t, m in zip(example.input_ids, example.completion_mask) if m]
+    assert tokenizer.decode(supervised) == RECORD.response + "<|im_end|>\n"
+    unsupervised = [t for t, m in zip(example.input_ids, example.completion_mask) if not m]
+    assert tokenizer.decode(unsupervised).endswith("<|im_start|>assistant\n")
+
+
+def test_raw_mask_ends_with_eos(tokenizer):
+    example = build_example(RECORD, get_template("gsm8k"), tokenizer, "raw")
+    supervised = [t for t, m in zip(example.input_ids, example.completion_mask) if m]
+    assert tokenizer.decode(supervised) == " " + RECORD.response + tokenizer.eos_token
+    assert example.completion_mask[0] == 0
+
+
+def test_mask_is_prompt_then_completion(tokenizer):
+    example = build_example(RECORD, get_template("alpaca"), tokenizer, "chat")
+    first = example.completion_mask.index(1)
+    assert all(m == 0 for m in example.completion_mask[:first])
+    assert all(m == 1 for m in example.completion_mask[first:])
+
+
+def test_overlong_truncate_and_skip(tokenizer):
+    long = Record("1", "Count.", " ".join(["one"] * 400))
+    records = [RECORD, long]
+    template = get_template("gsm8k")
+    truncated, counts = build_examples(records, template, tokenizer, "chat", 128, "truncate")
+    assert counts == {"records": 2, "used": 2, "truncated": 1, "skipped": 0}
+    assert len(truncated[1].input_ids) == 128
+    skipped, counts = build_examples(records, template, tokenizer, "chat", 128, "skip")
+    assert counts == {"records": 2, "used": 1, "truncated": 0, "skipped": 1}
+    assert len(skipped) == 1
