@@ -93,6 +93,12 @@ def test_math_correct_negative():
 # Refusal keywords.
 
 
+def test_refusal_keywords_match_list():
+    from sdft.metrics import REFUSAL_KEYWORDS as used
+
+    assert sorted(used) == sorted(REFUSAL_KEYWORDS)
+
+
 @pytest.mark.parametrize("keyword", REFUSAL_KEYWORDS)
 def test_refusal_keyword_alone(keyword):
     assert is_refusal(keyword)

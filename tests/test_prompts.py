@@ -236,6 +236,12 @@ def test_raw_gsm8k_distill_trailing_space():
     assert prompt.endswith("[/INST] Great! Let's think step by step. ")
 
 
+def test_raw_braces_kept_literal():
+    item = record(instruction="Solve {x} + 1 = 3.", response="x is {2}.")
+    prompt = render_raw_prompt(get_template("gsm8k_distill"), item, BOS)
+    assert "[INST] Solve {x} + 1 = 3.\n\nx is {2}. [/INST]" in prompt
+
+
 # Chat rendering through the embedded model's tokenizer.
 
 
@@ -257,6 +263,12 @@ def test_chat_gsm8k_infer_contains_wording(tokenizer):
     assert MATH_INFER_SYSTEM in prompt
     assert "What is 2+2?" in prompt
     assert "The answer is 4." not in prompt
+
+
+def test_chat_replaces_default_system(tokenizer):
+    prompt = render_prompt(get_template("alpaca"), record(), tokenizer, "chat")
+    assert "named SmolLM" not in prompt
+    assert prompt.count("<|im_start|>system\n") == 1
 
 
 def test_chat_alpaca_ends_generation_prompt(tokenizer):

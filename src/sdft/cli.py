@@ -58,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = add_command(commands, "eval", "evaluate a model, with or without adapter", eval_command)
     evaluate.add_argument("--adapter", help="PEFT adapter folder written by 'sdft train'")
-    evaluate.add_argument("--benchmarks", help="comma-separated benchmark names, e.g. gsm8k,advbench")
+    evaluate.add_argument(
+        "--suite",
+        "--benchmarks",
+        dest="suite",
+        help="quick, core, paper, or comma-separated benchmark names, e.g. gsm8k,advbench",
+    )
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples of each benchmark")
+    evaluate.add_argument("--rerun", action="store_true", help="recompute benchmarks that already have results")
     evaluate.add_argument("--output-dir", required=True, help="folder for scores.json and per-example outputs")
 
     prompt = add_command(commands, "prompt", "print the rendered prompt for one record", prompt_command)
@@ -157,8 +163,11 @@ def eval_command(args) -> int:
     from sdft.io import ResultCache, atomic_write_json, folder_lock
     from sdft.models import load_model, model_fingerprint
 
-    benchmarks = f"[{args.benchmarks}]" if args.benchmarks else None
-    config = resolve_config(args, **{"eval.benchmarks": benchmarks, "eval.limit": args.limit})
+    from sdft.benchmarks import expand_suite
+
+    benchmarks = f"[{','.join(expand_suite(args.suite))}]" if args.suite else None
+    rerun = "true" if args.rerun else None
+    config = resolve_config(args, **{"eval.benchmarks": benchmarks, "eval.limit": args.limit, "eval.rerun": rerun})
     output_dir = Path(args.output_dir)
     loaded = load_model(config.model.name, adapter=args.adapter, device=config.model.device, dtype=config.model.dtype)
     with folder_lock(output_dir), ResultCache(output_dir / "cache" / "generations.jsonl") as cache:

@@ -10,6 +10,7 @@ the numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 from sdft.benchmarks import REGISTRY, load_runner
 from sdft.config import Config
 from sdft.data import Record
-from sdft.io import ResultCache, atomic_write_json
-from sdft.metrics import cosine_similarities, histogram, mean
+from sdft.io import ResultCache, atomic_write_json, read_json, stable_hash
+from sdft.metrics import bleu4, cosine_similarities, histogram, mean, rouge_l
 from sdft.models import LoadedModel
 from sdft.prompts import Template, resolve_rendering
 
@@ -78,14 +79,36 @@ def evaluate(
     output_dir.mkdir(parents=True, exist_ok=True)
     scores = {}
     for name in config.eval.benchmarks:
+        scores[name] = run_benchmark(context, name)
         spec = REGISTRY[name]
-        scores[name] = load_runner(name)(context, config.eval.limit_for(name))
         logger.info(
             "%s %s: %s %.4f on %d examples",
             label, name, spec.metric, scores[name][spec.metric], scores[name]["examples"],
         )
     atomic_write_json(output_dir / SCORES_FILE, {"model": label, "rendering": context.rendering, "benchmarks": scores})
     return scores
+
+
+def run_benchmark(context: EvalContext, name: str) -> dict:
+    """Run one benchmark, or reuse its saved result when nothing it depends on changed.
+
+    The result is saved as ``results/<name>.json`` with a key over the model, the
+    benchmark's limit, the rendering, the data directory and the eval settings;
+    ``eval.rerun`` forces a new computation.
+    """
+    config = context.config
+    limit = config.eval.limit_for(name)
+    settings = {k: v for k, v in dataclasses.asdict(config.eval).items() if k not in ("benchmarks", "limits", "rerun")}
+    key = stable_hash(context.model_key, name, limit, context.rendering, config.data.data_dir, settings)
+    path = context.output_dir / "results" / f"{name}.json"
+    if path.exists() and not config.eval.rerun:
+        saved = read_json(path)
+        if saved.get("key") == key:
+            logger.info("%s %s: reusing the saved result (set eval.rerun to recompute)", context.label, name)
+            return saved["result"]
+    result = load_runner(name)(context, limit)
+    atomic_write_json(path, {"key": key, "benchmark": name, "limit": limit, "result": result})
+    return result
 
 
 def read_completions(eval_dir: Path, benchmark: str) -> list[str]:
@@ -99,10 +122,19 @@ def drift(seed_dir: Path, model_dir: Path, benchmark: str, embedding_model: str)
     """Compare a fine-tuned model's completions with the seed's on the same prompts."""
     seed = read_completions(seed_dir, benchmark)
     tuned = read_completions(model_dir, benchmark)
+    if len(seed) != len(tuned):
+        raise ValueError(
+            f"{model_dir / (benchmark + '.jsonl')}: {len(tuned)} answers but the seed has {len(seed)}; "
+            "evaluate both with the same eval.limit"
+        )
     similarities = cosine_similarities(seed, tuned, load_embedder(embedding_model))
+    bleu = bleu4(tuned, seed)
+    rouge = rouge_l(tuned, seed)
     return {
         "benchmark": benchmark,
         "mean_similarity": mean(similarities),
+        "bleu4": mean(bleu),
+        "rouge_l": mean(rouge),
         "similarities": similarities,
         "histogram": histogram(similarities, bins=30),
     }

@@ -78,3 +78,19 @@ def histogram(values: list[float], bins: int = 30, low: float = -1.0, high: floa
         counts[max(index, 0)] += 1
     edges = [low + i * width for i in range(bins + 1)]
     return {"edges": edges, "counts": counts}
+
+
+def bleu4(hypotheses: list[str], references: list[str]) -> list[float]:
+    """Sentence BLEU-4 (sacrebleu, exponential smoothing) of each pair, in [0, 1]."""
+    from sacrebleu.metrics import BLEU
+
+    scorer = BLEU(effective_order=True)
+    return [min(scorer.sentence_score(h, [r]).score / 100, 1.0) for h, r in zip(hypotheses, references)]
+
+
+def rouge_l(hypotheses: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F-measure (rouge-score, with stemming) of each pair, in [0, 1]."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]

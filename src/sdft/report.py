@@ -23,14 +23,9 @@ DRIFT_BENCHMARK = "advbench"
 
 def write_report(config, run_dir: Path) -> dict:
     """Collect scores, drift and distillation statistics; write results, report and plots."""
-    from sdft.evaluation import SCORES_FILE, drift
+    from sdft.evaluation import drift
 
-    scores = {}
-    for model in MODELS:
-        path = run_dir / "eval" / model / SCORES_FILE
-        if path.exists():
-            benchmarks = read_json(path)["benchmarks"]
-            scores[model] = {name: entry[REGISTRY[name].metric] for name, entry in benchmarks.items() if name in REGISTRY}
+    scores = read_scores(run_dir)
 
     drifts = {}
     if config.eval.drift and DRIFT_BENCHMARK in config.eval.benchmarks:
@@ -90,11 +85,29 @@ def format_cell(value: float | None, delta: float | None) -> str:
     return cell
 
 
+GROUPS = ("task", "safety", "helpfulness", "general")
+DRIFT_COLUMNS = (("mean_similarity", "similarity"), ("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"))
+
+
+def table_columns(scores: dict) -> list[str]:
+    """Benchmarks present in any model's scores, grouped as task, safety, helpfulness, general."""
+    present = {name for values in scores.values() for name in values}
+    return [name for group in GROUPS for name, spec in REGISTRY.items() if spec.group == group and name in present]
+
+
 def comparison_table(results: dict) -> str:
-    """Render the main table: a row per model, a column per metric, deltas in brackets."""
+    """Render the main table: a row per model, a column per metric, deltas in brackets.
+
+    Columns follow the paper's layout: task, safety, helpfulness and general
+    knowledge benchmarks, then drift from the seed (embedding similarity,
+    BLEU-4 and ROUGE-L of each model's AdvBench answers against the seed's).
+    """
     scores, delta = results["scores"], results["deltas"]
-    names = [name for name in REGISTRY if any(name in values for values in scores.values())]
-    header = ["model"] + [REGISTRY[name].column for name in names] + ["similarity to seed"]
+    names = table_columns(scores)
+    drift_present = bool(results["drift"])
+    header = ["model"] + [f"{REGISTRY[name].column} ({REGISTRY[name].group})" for name in names]
+    if drift_present:
+        header += [f"{title} (drift)" for _, title in DRIFT_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in MODELS:
         if model not in scores:
@@ -102,8 +115,13 @@ def comparison_table(results: dict) -> str:
         cells = [model]
         for name in names:
             cells.append(format_cell(scores[model].get(name), delta.get(model, {}).get(name)))
-        drift = results["drift"].get(model)
-        cells.append(f"{drift['mean_similarity']:.3f}" if drift else ("1.000" if model == "seed" else "n/a"))
+        if drift_present:
+            drift = results["drift"].get(model)
+            for key, _ in DRIFT_COLUMNS:
+                if model == "seed":
+                    cells.append("1.000")
+                else:
+                    cells.append(f"{drift[key]:.3f}" if drift and key in drift else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,8 +133,9 @@ def render_markdown(config, results: dict, plots: list[str]) -> str:
         f"Seed model: `{config.model.name}`; training data: `{config.data.train}`"
         f" ({results['selection'].get('records', '?')} records); method: {config.train.method}.",
         "",
-        "Scores in %, change from the seed in brackets. Similarity: mean cosine similarity "
-        "(all-MiniLM-L6-v2) between each model's AdvBench answers and the seed's.",
+        "Scores in %, change from the seed in brackets. Drift columns compare each model's "
+        "AdvBench answers with the seed's answers to the same prompts: mean cosine similarity "
+        "of all-MiniLM-L6-v2 embeddings, sentence BLEU-4 and ROUGE-L F1 (1.0 means unchanged).",
         "",
         comparison_table(results),
         "",
@@ -188,6 +207,14 @@ def write_plots(run_dir: Path, drifts: dict) -> list[str]:
         plt.close(figure)
         written.append("plots/similarity.png")
 
+    scores = read_scores(run_dir)
+    if len(scores) > 1:
+        figure = delta_chart(scores)
+        if figure is not None:
+            atomic_save_figure(figure, run_dir / "plots" / "deltas.png")
+            plt.close(figure)
+            written.append("plots/deltas.png")
+
     curves = {model: read_optional(run_dir / model / "losses.json") for model in ("vanilla", "sdft")}
     if any(curves.values()):
         figure, axes = plt.subplots(figsize=(6, 3.5))
@@ -201,3 +228,39 @@ def write_plots(run_dir: Path, drifts: dict) -> list[str]:
         plt.close(figure)
         written.append("plots/loss.png")
     return written
+
+
+def read_scores(run_dir: Path) -> dict:
+    from sdft.evaluation import SCORES_FILE
+
+    scores = {}
+    for model in MODELS:
+        path = run_dir / "eval" / model / SCORES_FILE
+        if path.exists():
+            benchmarks = read_json(path)["benchmarks"]
+            scores[model] = {
+                name: entry[REGISTRY[name].metric] for name, entry in benchmarks.items() if name in REGISTRY
+            }
+    return scores
+
+
+def delta_chart(scores: dict):
+    """Draw grouped bars: per benchmark, each fine-tuned model's change from the seed in points."""
+    import matplotlib.pyplot as plt
+
+    changes = deltas(scores)
+    names = [n for n in table_columns(scores) if all(n in changes.get(m, {}) for m in changes)]
+    names = [n for n in names if not any(math.isnan(changes[m][n]) for m in changes)]
+    if not names or not changes:
+        return None
+    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(names)), 3.8))
+    width = 0.8 / len(changes)
+    for offset, (model, values) in enumerate(changes.items()):
+        positions = [i + offset * width for i in range(len(names))]
+        axes.bar(positions, [100 * values[n] for n in names], width, label=model)
+    axes.set_xticks([i + width * (len(changes) - 1) / 2 for i in range(len(names))])
+    axes.set_xticklabels([REGISTRY[n].column for n in names], rotation=30, ha="right")
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_ylabel("change from the seed (points)")
+    axes.legend()
+    return figure

@@ -83,6 +83,19 @@ SUITES = {
 }
 
 
+def expand_suite(suite: str) -> list[str]:
+    """Turn a suite name or a comma-separated list of benchmarks into benchmark names.
+
+    Unknown names are kept, so config validation reports them with a suggestion.
+    """
+    names = []
+    for part in suite.split(","):
+        part = part.strip()
+        if part:
+            names.extend(SUITES.get(part, (part,)))
+    return list(dict.fromkeys(names))
+
+
 def benchmark_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
