@@ -11,7 +11,7 @@ def write(tmp_path, text, name="run.yaml"):
     return path
 
 
-def error_of(tmp_path, text, overrides=None):
+def expect_config_error(tmp_path, text, overrides=None):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), overrides)
     return str(info.value)
@@ -116,13 +116,13 @@ def test_missing_file_named(tmp_path):
 
 
 def test_invalid_yaml_line_column(tmp_path):
-    message = error_of(tmp_path, "model:\n  name: embedded\n\tdevice: cpu\n")
+    message = expect_config_error(tmp_path, "model:\n  name: embedded\n\tdevice: cpu\n")
     assert "run.yaml" in message
     assert "invalid YAML at line 3, column 1" in message
 
 
 def test_top_level_list_rejected(tmp_path):
-    message = error_of(tmp_path, "- train\n- eval\n")
+    message = expect_config_error(tmp_path, "- train\n- eval\n")
     assert "expected a mapping of sections at the top level" in message
 
 
@@ -134,16 +134,12 @@ def test_non_utf8_file_rejected(tmp_path):
 
 
 def test_section_not_mapping_message(tmp_path):
-    message = error_of(tmp_path, "train: 3\n")
+    message = expect_config_error(tmp_path, "train: 3\n")
     assert "expected a mapping, got int" in message
 
 
-@pytest.mark.xfail(
-    reason="build() prints the nested prefix with its trailing dot: 'train.: expected a mapping'",
-    strict=True,
-)
 def test_section_not_mapping_key(tmp_path):
-    message = error_of(tmp_path, "train: 3\n")
+    message = expect_config_error(tmp_path, "train: 3\n")
     assert message.startswith("train: ")
 
 
@@ -151,31 +147,31 @@ def test_section_not_mapping_key(tmp_path):
 
 
 def test_unknown_key_suggests_epochs(tmp_path):
-    message = error_of(tmp_path, "train:\n  epoch: 3\n")
+    message = expect_config_error(tmp_path, "train:\n  epoch: 3\n")
     assert "train.epoch: unknown key" in message
     assert "did you mean 'epochs'" in message
 
 
 def test_unknown_key_lists_valid(tmp_path):
-    message = error_of(tmp_path, "train:\n  epoch: 3\n")
+    message = expect_config_error(tmp_path, "train:\n  epoch: 3\n")
     assert "valid keys:" in message
     assert "learning_rate" in message
 
 
 def test_unknown_section_rejected(tmp_path):
-    message = error_of(tmp_path, "trian:\n  epochs: 3\n")
+    message = expect_config_error(tmp_path, "trian:\n  epochs: 3\n")
     assert "trian: unknown key" in message
     assert "did you mean 'train'" in message
 
 
 def test_unknown_nested_key(tmp_path):
-    message = error_of(tmp_path, "distill:\n  generation:\n    temprature: 0.5\n")
+    message = expect_config_error(tmp_path, "distill:\n  generation:\n    temprature: 0.5\n")
     assert "distill.generation.temprature: unknown key" in message
     assert "did you mean 'temperature'" in message
 
 
 def test_unknown_column_field(tmp_path):
-    message = error_of(tmp_path, "data:\n  columns: {instructions: q}\n")
+    message = expect_config_error(tmp_path, "data:\n  columns: {instructions: q}\n")
     assert "data.columns.instructions: unknown field" in message
     assert "did you mean 'instruction'" in message
 
@@ -184,32 +180,32 @@ def test_unknown_column_field(tmp_path):
 
 
 def test_string_for_int_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  batch_size: two\n")
+    message = expect_config_error(tmp_path, "train:\n  batch_size: two\n")
     assert "train.batch_size: expected an integer, got 'two'" in message
 
 
 def test_bool_for_int_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  batch_size: true\n")
+    message = expect_config_error(tmp_path, "train:\n  batch_size: true\n")
     assert "train.batch_size: expected an integer, got True" in message
 
 
 def test_float_for_int_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  max_length: 512.5\n")
+    message = expect_config_error(tmp_path, "train:\n  max_length: 512.5\n")
     assert "train.max_length: expected an integer" in message
 
 
 def test_string_for_float_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  epochs: many\n")
+    message = expect_config_error(tmp_path, "train:\n  epochs: many\n")
     assert "train.epochs: expected a number, got 'many'" in message
 
 
 def test_bool_for_float_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  epochs: true\n")
+    message = expect_config_error(tmp_path, "train:\n  epochs: true\n")
     assert "train.epochs: expected a number" in message
 
 
 def test_int_for_bool_rejected(tmp_path):
-    message = error_of(tmp_path, "eval:\n  drift: 1\n")
+    message = expect_config_error(tmp_path, "eval:\n  drift: 1\n")
     assert "eval.drift: expected true or false, got 1" in message
 
 
@@ -219,17 +215,17 @@ def test_number_for_text_kept(tmp_path):
 
 
 def test_list_for_text_rejected(tmp_path):
-    message = error_of(tmp_path, "model:\n  name: [a, b]\n")
+    message = expect_config_error(tmp_path, "model:\n  name: [a, b]\n")
     assert "model.name: expected text, got ['a', 'b']" in message
 
 
 def test_scalar_for_list_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  lora_targets: q_proj\n")
+    message = expect_config_error(tmp_path, "train:\n  lora_targets: q_proj\n")
     assert "train.lora_targets: expected a list, got 'q_proj'" in message
 
 
 def test_list_item_type_named(tmp_path):
-    message = error_of(tmp_path, "train:\n  lora_targets: [q_proj, {a: 1}]\n")
+    message = expect_config_error(tmp_path, "train:\n  lora_targets: [q_proj, {a: 1}]\n")
     assert "train.lora_targets[1]: expected text" in message
 
 
@@ -237,30 +233,30 @@ def test_list_item_type_named(tmp_path):
 
 
 def test_invalid_choice_suggests(tmp_path):
-    message = error_of(tmp_path, "train:\n  method: lorra\n")
+    message = expect_config_error(tmp_path, "train:\n  method: lorra\n")
     assert "train.method: invalid value 'lorra'" in message
     assert "did you mean 'lora'" in message
     assert "valid values: lora, full" in message
 
 
 def test_invalid_dtype_rejected(tmp_path):
-    message = error_of(tmp_path, "model:\n  dtype: fp16\n")
+    message = expect_config_error(tmp_path, "model:\n  dtype: fp16\n")
     assert "model.dtype: invalid value 'fp16'" in message
 
 
 def test_invalid_benchmark_rejected(tmp_path):
-    message = error_of(tmp_path, "eval:\n  benchmarks: [gsm8k, gsm9k]\n")
+    message = expect_config_error(tmp_path, "eval:\n  benchmarks: [gsm8k, gsm9k]\n")
     assert "eval.benchmarks: invalid value 'gsm9k'" in message
 
 
 def test_invalid_template_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  template: alpaka\n")
+    message = expect_config_error(tmp_path, "train:\n  template: alpaka\n")
     assert "train.template: invalid value 'alpaka'" in message
     assert "did you mean 'alpaca'" in message
 
 
 def test_distill_template_needs_reference(tmp_path):
-    message = error_of(tmp_path, "distill:\n  template: alpaca\n")
+    message = expect_config_error(tmp_path, "distill:\n  template: alpaca\n")
     assert "distill.template: 'alpaca' does not show a reference answer" in message
 
 
@@ -273,39 +269,39 @@ def test_distill_rewrite_templates_accepted(tmp_path, name):
 
 
 def test_invalid_check_rejected(tmp_path):
-    message = error_of(tmp_path, "distill:\n  check: maths\n")
+    message = expect_config_error(tmp_path, "distill:\n  check: maths\n")
     assert "distill.check: invalid value 'maths'" in message
     assert "did you mean 'math'" in message
 
 
 def test_zero_epochs_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  epochs: 0\n")
+    message = expect_config_error(tmp_path, "train:\n  epochs: 0\n")
     assert "train.epochs: must be > 0" in message
 
 
 def test_zero_batch_size_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  batch_size: 0\n")
+    message = expect_config_error(tmp_path, "train:\n  batch_size: 0\n")
     assert "train.batch_size: must be a positive integer, got 0" in message
 
 
 def test_warmup_ratio_one_rejected(tmp_path):
-    message = error_of(tmp_path, "train:\n  warmup_ratio: 1\n")
+    message = expect_config_error(tmp_path, "train:\n  warmup_ratio: 1\n")
     assert "train.warmup_ratio: must be in [0, 1)" in message
 
 
 def test_zero_temperature_rejected(tmp_path):
-    message = error_of(tmp_path, "eval:\n  generation:\n    temperature: 0\n")
+    message = expect_config_error(tmp_path, "eval:\n  generation:\n    temperature: 0\n")
     assert "generation.temperature: must be > 0" in message
     assert "mode: greedy" in message
 
 
 def test_benchmark_limit_positive(tmp_path):
-    message = error_of(tmp_path, "eval:\n  limits: {advbench: 0}\n")
+    message = expect_config_error(tmp_path, "eval:\n  limits: {advbench: 0}\n")
     assert "eval.limits.advbench: must be a positive integer, got 0" in message
 
 
 def test_invalid_format_rejected(tmp_path):
-    message = error_of(tmp_path, "data:\n  format: sharegpt\n")
+    message = expect_config_error(tmp_path, "data:\n  format: sharegpt\n")
     assert "data.format: invalid value 'sharegpt'" in message
 
 
@@ -368,3 +364,10 @@ def test_set_through_value_rejected():
 
 def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_exponent_without_dot_is_number(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\n")
+    assert load_config(path).train.learning_rate == 1e-4
+    assert load_config(None, ["train.learning_rate=2e-5"]).train.learning_rate == 2e-5

@@ -18,7 +18,7 @@ def write_json(path, rows):
     return path
 
 
-def load_error(source, **kwargs):
+def expect_data_error(source, **kwargs):
     with pytest.raises(DataError) as info:
         load_dataset_records(str(source), **kwargs)
     return str(info.value)
@@ -93,7 +93,7 @@ def test_multiarith_original_file(data_path):
 
 
 def test_openfunction_missing_named(tmp_path):
-    message = load_error("openfunction", data_dir=tmp_path)
+    message = expect_data_error("openfunction", data_dir=tmp_path)
     assert "sdft_openfunction_train.json" in message
     assert "not found in the data directory" in message
 
@@ -103,13 +103,13 @@ def test_openfunction_missing_named(tmp_path):
 
 def test_missing_file_named(tmp_path):
     path = tmp_path / "absent.json"
-    message = load_error(path)
+    message = expect_data_error(path)
     assert str(path) in message
     assert "data file not found" in message
 
 
 def test_unknown_named_dataset():
-    message = load_error("gsm9k")
+    message = expect_data_error("gsm9k")
     assert "gsm9k: not a file, a known dataset name" in message
     assert "gsm8k" in message
 
@@ -120,7 +120,7 @@ def test_invalid_json_line_column(tmp_path):
         '[{"instruction": "a", "output": "b"},\n {"instruction": , "output": "c"}]',
         encoding="utf-8",
     )
-    message = load_error(path)
+    message = expect_data_error(path)
     assert str(path) in message
     assert "invalid JSON at line 2, column 18" in message
 
@@ -133,7 +133,7 @@ def test_invalid_jsonl_line_number(tmp_path):
         '{"instruction": "c", "output": }',
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    message = load_error(path)
+    message = expect_data_error(path)
     assert str(path) in message
     assert "line 3: invalid JSON" in message
 
@@ -151,7 +151,7 @@ def test_jsonl_blank_lines_skipped(tmp_path):
 def test_non_utf8_bytes(tmp_path):
     path = tmp_path / "latin.json"
     path.write_bytes(b'[{"instruction": "caf\xe9", "output": "b"}]')
-    message = load_error(path)
+    message = expect_data_error(path)
     assert str(path) in message
     assert "not valid UTF-8 at byte 21" in message
 
@@ -164,14 +164,14 @@ def test_utf8_bom_accepted(tmp_path):
 
 def test_empty_array_rejected(tmp_path):
     path = write_json(tmp_path / "empty.json", [])
-    message = load_error(path)
+    message = expect_data_error(path)
     assert str(path) in message
     assert "empty" in message
 
 
 def test_json_object_rejected(tmp_path):
     path = write_json(tmp_path / "object.json", {"instruction": "a", "output": "b"})
-    message = load_error(path)
+    message = expect_data_error(path)
     assert "expected a JSON array of records, got dict" in message
 
 
@@ -182,14 +182,14 @@ def test_data_key_unwrapped(tmp_path):
 
 def test_unknown_fields_rejected(tmp_path):
     path = write_json(tmp_path / "odd.json", [{"text": "a"}])
-    message = load_error(path)
+    message = expect_data_error(path)
     assert "row 1" in message
     assert "cannot tell the format from fields ['text']" in message
 
 
 def test_row_not_object(tmp_path):
     path = write_json(tmp_path / "scalars.json", [{"instruction": "a", "output": "b"}, 3])
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 2" in message
     assert "expected an object with named fields, got int" in message
 
@@ -200,7 +200,7 @@ def test_row_not_object(tmp_path):
 def test_missing_field_named(tmp_path):
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "c"}]
     path = write_json(tmp_path / "missing.json", rows)
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 2" in message
     assert "field 'output' or 'response': missing" in message
 
@@ -214,7 +214,7 @@ def test_missing_response_allowed(tmp_path):
 def test_empty_field_named(tmp_path):
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "   ", "output": "d"}]
     path = write_json(tmp_path / "blank.json", rows)
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 2" in message
     assert "field 'instruction': empty" in message
 
@@ -226,14 +226,14 @@ def test_empty_input_allowed(tmp_path):
 
 def test_wrong_type_named(tmp_path):
     path = write_json(tmp_path / "typed.json", [{"instruction": ["a"], "output": "b"}])
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 1" in message
     assert "field 'instruction': expected text, got list" in message
 
 
 def test_bool_field_rejected(tmp_path):
     path = write_json(tmp_path / "bool.json", [{"instruction": "a", "output": True}])
-    message = load_error(path)
+    message = expect_data_error(path)
     assert "field 'output': expected text, got bool" in message
 
 
@@ -256,7 +256,7 @@ def test_duplicate_ids_named(tmp_path):
         {"id": "7", "instruction": "c", "output": "d"},
     ]
     path = write_json(tmp_path / "dupes.json", rows)
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 2" in message
     assert "field 'id': duplicate id '7' (first at row 1)" in message
 
@@ -269,7 +269,7 @@ def test_file_ids_kept(tmp_path):
 def test_bad_history_named(tmp_path):
     rows = [{"instruction": "a", "output": "b", "history": [["only user"]]}]
     path = write_json(tmp_path / "history.json", rows)
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 1" in message
     assert "field 'history'[0]: expected a [user, assistant] pair of strings" in message
 
@@ -283,12 +283,12 @@ def test_history_pairs_read(tmp_path):
 # Chat messages.
 
 
-def messages_row(*turns):
+def make_messages_row(*turns):
     return {"messages": [{"role": role, "content": content} for role, content in turns]}
 
 
 def test_messages_valid(tmp_path):
-    row = messages_row(
+    row = make_messages_row(
         ("system", "Be brief."),
         ("user", "Hi"),
         ("assistant", "Hello"),
@@ -302,27 +302,27 @@ def test_messages_valid(tmp_path):
 
 
 def test_messages_unknown_role(tmp_path):
-    row = messages_row(("user", "Hi"), ("bot", "Hello"))
+    row = make_messages_row(("user", "Hi"), ("bot", "Hello"))
     path = write_json(tmp_path / "chat.json", [row])
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 1" in message
     assert "field 'messages'[1].role: unknown role 'bot'" in message
 
 
 def test_messages_assistant_first(tmp_path):
-    row = messages_row(("assistant", "Hello"), ("user", "Hi"))
-    message = load_error(write_json(tmp_path / "chat.json", [row]))
+    row = make_messages_row(("assistant", "Hello"), ("user", "Hi"))
+    message = expect_data_error(write_json(tmp_path / "chat.json", [row]))
     assert "field 'messages'[0]: assistant turn without a user turn" in message
 
 
 def test_messages_last_reply_missing(tmp_path):
-    row = messages_row(("user", "Hi"))
-    message = load_error(write_json(tmp_path / "chat.json", [row]))
+    row = make_messages_row(("user", "Hi"))
+    message = expect_data_error(write_json(tmp_path / "chat.json", [row]))
     assert "the last assistant turn is missing or empty" in message
 
 
 def test_messages_prompt_only_allowed(tmp_path):
-    row = messages_row(("user", "Hi"))
+    row = make_messages_row(("user", "Hi"))
     path = write_json(tmp_path / "chat.json", [row])
     record = load_dataset_records(str(path), require_response=False)[0]
     assert record.instruction == "Hi"
@@ -331,13 +331,13 @@ def test_messages_prompt_only_allowed(tmp_path):
 
 def test_messages_not_list(tmp_path):
     path = write_json(tmp_path / "chat.json", [{"messages": "Hi"}])
-    message = load_error(path)
+    message = expect_data_error(path)
     assert "field 'messages': expected a non-empty list of messages" in message
 
 
 def test_messages_content_not_text(tmp_path):
     row = {"messages": [{"role": "user", "content": 5}]}
-    message = load_error(write_json(tmp_path / "chat.json", [row]))
+    message = expect_data_error(write_json(tmp_path / "chat.json", [row]))
     assert "field 'messages'[0]: expected an object with 'role' and text 'content'" in message
 
 
@@ -365,7 +365,7 @@ def test_csv_goal_only(tmp_path):
 def test_csv_empty_cell_named(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("instruction,output\na,b\nc,\n")
-    message = load_error(path)
+    message = expect_data_error(path)
     assert f"{path}: row 2" in message
     assert "field 'output': empty" in message
 
@@ -385,7 +385,7 @@ def test_parquet_file(tmp_path):
 def test_corrupt_parquet_named(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"not parquet")
-    message = load_error(path)
+    message = expect_data_error(path)
     assert str(path) in message
     assert "cannot read parquet file" in message
 
@@ -403,7 +403,7 @@ def test_column_mapping(tmp_path):
 def test_column_mapping_missing(tmp_path):
     path = write_json(tmp_path / "mapped.json", [{"prompt": "a", "text": "b"}])
     columns = {"instruction": "prompt", "response": "completion"}
-    message = load_error(path, columns=columns)
+    message = expect_data_error(path, columns=columns)
     assert f"{path}: row 1" in message
     assert "field 'completion': missing" in message
     assert "data.columns.response" in message

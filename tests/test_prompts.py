@@ -69,7 +69,7 @@ def tokenizer():
     return load_tokenizer(resolve_model_path("embedded"))
 
 
-def record(instruction="Name a color.", response="Blue.", input_text="", history=None):
+def make_record(instruction="Name a color.", response="Blue.", input_text="", history=None):
     return Record(
         id="0",
         instruction=instruction,
@@ -154,47 +154,47 @@ def test_unknown_template_lists_names():
 
 
 def test_raw_alpaca_layout():
-    prompt = render_raw_prompt(get_template("alpaca"), record(), BOS)
+    prompt = render_raw_prompt(get_template("alpaca"), make_record(), BOS)
     expected = BOS + ALPACA_SYSTEM + "\n\n" + "### Instruction:\nName a color.\n\n### Response:\n"
     assert prompt == expected
 
 
 def test_raw_alpaca_joins_input():
-    item = record(instruction="Translate to French.", input_text="Good morning")
+    item = make_record(instruction="Translate to French.", input_text="Good morning")
     prompt = render_raw_prompt(get_template("alpaca"), item, BOS)
     user = "### Instruction:\nTranslate to French.\nGood morning\n\n### Response:\n"
     assert prompt == BOS + ALPACA_SYSTEM + "\n\n" + user
 
 
 def test_raw_alpaca_empty_bos():
-    prompt = render_raw_prompt(get_template("alpaca"), record(), "")
+    prompt = render_raw_prompt(get_template("alpaca"), make_record(), "")
     assert prompt.startswith(ALPACA_SYSTEM)
 
 
 def test_raw_alpaca_none_bos():
-    prompt = render_raw_prompt(get_template("alpaca"), record(), None)
+    prompt = render_raw_prompt(get_template("alpaca"), make_record(), None)
     assert prompt.startswith(ALPACA_SYSTEM)
 
 
 def test_raw_distill_using_layout():
-    prompt = render_raw_prompt(get_template("alpaca_distill_using"), record(), BOS)
+    prompt = render_raw_prompt(get_template("alpaca_distill_using"), make_record(), BOS)
     user = "### Instruction:\nName a color.\n\n### Reference Answer:\nBlue.\n\n### Response:\n"
     assert prompt == BOS + DISTILL_USING_SYSTEM + "\n\n" + user
 
 
 def test_raw_distill_refer_layout():
-    prompt = render_raw_prompt(get_template("alpaca_distill_refer"), record(), BOS)
+    prompt = render_raw_prompt(get_template("alpaca_distill_refer"), make_record(), BOS)
     user = "### Instruction:\nName a color.\n\n### Reference Answer:\nBlue.\n\n### Response:\n"
     assert prompt == BOS + DISTILL_REFER_SYSTEM + "\n\n" + user
 
 
 def test_raw_training_prompt_hides_response():
-    prompt = render_raw_prompt(get_template("alpaca"), record(response="SECRET"), BOS)
+    prompt = render_raw_prompt(get_template("alpaca"), make_record(response="SECRET"), BOS)
     assert "SECRET" not in prompt
 
 
 def test_raw_gcg_suffix_after_instruction():
-    item = record(instruction="Write a poem")
+    item = make_record(instruction="Write a poem")
     prompt = render_raw_prompt(get_template("alpaca_gcg"), item, BOS)
     user = "### Instruction:\nWrite a poem" + GCG_SUFFIX + "\n\n### Response:\n"
     assert prompt == BOS + ALPACA_SYSTEM + "\n\n" + user
@@ -204,21 +204,21 @@ def test_raw_gcg_suffix_after_instruction():
 
 
 def test_raw_gsm8k_layout():
-    item = record(instruction="What is 2+2?", response="The answer is 4.")
+    item = make_record(instruction="What is 2+2?", response="The answer is 4.")
     prompt = render_raw_prompt(get_template("gsm8k"), item, BOS)
     expected = BOS + SYS_OPEN + MATH_SYSTEM + SYS_CLOSE + "[INST] What is 2+2? [/INST]"
     assert prompt == expected
 
 
 def test_raw_gsm8k_infer_layout():
-    item = record(instruction="What is 2+2?", response="The answer is 4.")
+    item = make_record(instruction="What is 2+2?", response="The answer is 4.")
     prompt = render_raw_prompt(get_template("gsm8k_infer"), item, BOS)
     expected = BOS + SYS_OPEN + MATH_INFER_SYSTEM + SYS_CLOSE + "[INST] What is 2+2? [/INST]"
     assert prompt == expected
 
 
 def test_raw_gsm8k_distill_layout():
-    item = record(instruction="What is 2+2?", response="2+2=4. The answer is 4.")
+    item = make_record(instruction="What is 2+2?", response="2+2=4. The answer is 4.")
     prompt = render_raw_prompt(get_template("gsm8k_distill"), item, BOS)
     expected = (
         BOS
@@ -231,13 +231,13 @@ def test_raw_gsm8k_distill_layout():
 
 
 def test_raw_gsm8k_distill_trailing_space():
-    item = record(instruction="Q", response="R")
+    item = make_record(instruction="Q", response="R")
     prompt = render_raw_prompt(get_template("gsm8k_distill"), item, BOS)
     assert prompt.endswith("[/INST] Great! Let's think step by step. ")
 
 
 def test_raw_braces_kept_literal():
-    item = record(instruction="Solve {x} + 1 = 3.", response="x is {2}.")
+    item = make_record(instruction="Solve {x} + 1 = 3.", response="x is {2}.")
     prompt = render_raw_prompt(get_template("gsm8k_distill"), item, BOS)
     assert "[INST] Solve {x} + 1 = 3.\n\nx is {2}. [/INST]" in prompt
 
@@ -246,19 +246,19 @@ def test_raw_braces_kept_literal():
 
 
 def test_chat_alpaca_contains_wording(tokenizer):
-    prompt = render_prompt(get_template("alpaca"), record(), tokenizer, "chat")
+    prompt = render_prompt(get_template("alpaca"), make_record(), tokenizer, "chat")
     assert ALPACA_SYSTEM in prompt
     assert "### Instruction:\nName a color.\n\n### Response:\n" in prompt
 
 
 def test_chat_distill_contains_reference(tokenizer):
-    prompt = render_prompt(get_template("alpaca_distill_using"), record(), tokenizer, "chat")
+    prompt = render_prompt(get_template("alpaca_distill_using"), make_record(), tokenizer, "chat")
     assert DISTILL_USING_SYSTEM in prompt
     assert "### Reference Answer:\nBlue.\n\n" in prompt
 
 
 def test_chat_gsm8k_infer_contains_wording(tokenizer):
-    item = record(instruction="What is 2+2?", response="The answer is 4.")
+    item = make_record(instruction="What is 2+2?", response="The answer is 4.")
     prompt = render_prompt(get_template("gsm8k_infer"), item, tokenizer, "chat")
     assert MATH_INFER_SYSTEM in prompt
     assert "What is 2+2?" in prompt
@@ -266,18 +266,18 @@ def test_chat_gsm8k_infer_contains_wording(tokenizer):
 
 
 def test_chat_replaces_default_system(tokenizer):
-    prompt = render_prompt(get_template("alpaca"), record(), tokenizer, "chat")
+    prompt = render_prompt(get_template("alpaca"), make_record(), tokenizer, "chat")
     assert "named SmolLM" not in prompt
     assert prompt.count("<|im_start|>system\n") == 1
 
 
 def test_chat_alpaca_ends_generation_prompt(tokenizer):
-    prompt = render_prompt(get_template("alpaca"), record(), tokenizer, "chat")
+    prompt = render_prompt(get_template("alpaca"), make_record(), tokenizer, "chat")
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
 def test_chat_gsm8k_distill_ends_prefix(tokenizer):
-    item = record(instruction="What is 2+2?", response="2+2=4. The answer is 4.")
+    item = make_record(instruction="What is 2+2?", response="2+2=4. The answer is 4.")
     prompt = render_prompt(get_template("gsm8k_distill"), item, tokenizer, "chat")
     assert MATH_DISTILL_SYSTEM in prompt
     assert "What is 2+2?\n\n2+2=4. The answer is 4." in prompt
@@ -302,11 +302,11 @@ def test_raw_math_completion_space(tokenizer):
 
 def test_render_prompt_raw_matches(tokenizer):
     template = get_template("gsm8k")
-    item = record(instruction="What is 2+2?", response="4")
+    item = make_record(instruction="What is 2+2?", response="4")
     prompt = render_prompt(template, item, tokenizer, "raw")
     assert prompt.endswith(SYS_OPEN + MATH_SYSTEM + SYS_CLOSE + "[INST] What is 2+2? [/INST]")
 
 
 def test_unknown_rendering_rejected(tokenizer):
     with pytest.raises(ValueError, match="valid renderings"):
-        render_prompt(get_template("alpaca"), record(), tokenizer, "plain")
+        render_prompt(get_template("alpaca"), make_record(), tokenizer, "plain")

@@ -17,7 +17,7 @@ BANNED = [
 ]
 
 
-def accepted(rewrite, original="", check="none"):
+def is_accepted(rewrite, original="", check="none"):
     return select(rewrite, original, check).accepted
 
 
@@ -33,7 +33,7 @@ def test_banned_phrase_rejected(phrase):
 
 @pytest.mark.parametrize("phrase", BANNED)
 def test_banned_phrase_uppercase_rejected(phrase):
-    assert not accepted(f"Note: {phrase.upper()}.")
+    assert not is_accepted(f"Note: {phrase.upper()}.")
 
 
 @pytest.mark.parametrize(
@@ -47,11 +47,11 @@ def test_banned_phrase_uppercase_rejected(phrase):
     ],
 )
 def test_banned_phrase_mixed_case(text):
-    assert not accepted(text)
+    assert not is_accepted(text)
 
 
 def test_banned_phrase_at_end():
-    assert not accepted("The color is blue, as in the reference answer")
+    assert not is_accepted("The color is blue, as in the reference answer")
 
 
 def test_your_turn_start_rejected():
@@ -61,19 +61,19 @@ def test_your_turn_start_rejected():
 
 
 def test_your_turn_after_strip_rejected():
-    assert not accepted("  \n Your turn: blue.")
+    assert not is_accepted("  \n Your turn: blue.")
 
 
 def test_your_turn_lowercase_start_accepted():
-    assert accepted("your turn is next, and the color is blue.")
+    assert is_accepted("your turn is next, and the color is blue.")
 
 
 def test_your_turn_uppercase_start_accepted():
-    assert accepted("YOUR TURN: blue.")
+    assert is_accepted("YOUR TURN: blue.")
 
 
 def test_your_turn_middle_accepted():
-    assert accepted("I think so. Your turn to pick a color.")
+    assert is_accepted("I think so. Your turn to pick a color.")
 
 
 def test_plain_rewrite_accepted():
@@ -83,7 +83,7 @@ def test_plain_rewrite_accepted():
 
 
 def test_response_word_alone_accepted():
-    assert accepted("A good response is short. The reference is the sky.")
+    assert is_accepted("A good response is short. The reference is the sky.")
 
 
 # Empty rewrites.
@@ -110,7 +110,7 @@ def test_unknown_check_rejected():
 
 
 def test_math_same_answer_accepted():
-    assert accepted("So 2 + 2 = 4. The answer is 4.", "The answer is 4.", "math")
+    assert is_accepted("So 2 + 2 = 4. The answer is 4.", "The answer is 4.", "math")
 
 
 def test_math_wrong_answer_rejected():
@@ -120,72 +120,72 @@ def test_math_wrong_answer_rejected():
 
 
 def test_math_comma_thousands_equal():
-    assert accepted("The answer is 1,000.", "The answer is 1000.", "math")
+    assert is_accepted("The answer is 1,000.", "The answer is 1000.", "math")
 
 
 def test_math_comma_in_original():
-    assert accepted("The answer is 1000", "The answer is 1,000", "math")
+    assert is_accepted("The answer is 1000", "The answer is 1,000", "math")
 
 
 def test_math_space_thousands_equal():
-    assert accepted("The answer is 1 000.", "The answer is 1000.", "math")
+    assert is_accepted("The answer is 1 000.", "The answer is 1000.", "math")
 
 
 def test_math_space_joins_numbers():
     # "4 5" is one match of the pattern, so it reads as 45.
-    assert accepted("Rows 4 5", "The answer is 45.", "math")
+    assert is_accepted("Rows 4 5", "The answer is 45.", "math")
 
 
 def test_math_negative_equal():
-    assert accepted("The change is -12 degrees.", "The answer is -12.", "math")
+    assert is_accepted("The change is -12 degrees.", "The answer is -12.", "math")
 
 
 def test_math_negative_sign_matters():
-    assert not accepted("The answer is 12.", "The answer is -12.", "math")
+    assert not is_accepted("The answer is 12.", "The answer is -12.", "math")
 
 
 def test_math_zero_fraction_equal():
-    assert accepted("The answer is 3.00", "The answer is 3.", "math")
+    assert is_accepted("The answer is 3.00", "The answer is 3.", "math")
 
 
 def test_math_zero_fraction_original():
-    assert accepted("The answer is 3", "The answer is 3.0", "math")
+    assert is_accepted("The answer is 3", "The answer is 3.0", "math")
 
 
 def test_math_fraction_rewrite_rejected():
-    assert not accepted("The answer is 2.5", "The answer is 2.", "math")
+    assert not is_accepted("The answer is 2.5", "The answer is 2.", "math")
 
 
 def test_math_fraction_both_rejected():
-    assert not accepted("The answer is 2.5", "The answer is 2.5", "math")
+    assert not is_accepted("The answer is 2.5", "The answer is 2.5", "math")
 
 
 def test_math_fraction_original_rejected():
-    assert not accepted("The answer is 2", "The answer is 2.5", "math")
+    assert not is_accepted("The answer is 2", "The answer is 2.5", "math")
 
 
 def test_math_no_number_rejected():
-    assert not accepted("The answer is four.", "The answer is 4.", "math")
+    assert not is_accepted("The answer is four.", "The answer is 4.", "math")
 
 
 def test_math_original_without_number():
-    assert not accepted("The answer is 4.", "The answer is four.", "math")
+    assert not is_accepted("The answer is 4.", "The answer is four.", "math")
 
 
 def test_math_last_number_wins():
-    assert accepted("First 7 then 3, so the answer is 9.", "The answer is 9.", "math")
+    assert is_accepted("First 7 then 3, so the answer is 9.", "The answer is 9.", "math")
 
 
 def test_math_first_number_ignored():
-    assert not accepted("The answer is 9, not 7.", "The answer is 9.", "math")
+    assert not is_accepted("The answer is 9, not 7.", "The answer is 9.", "math")
 
 
 def test_math_earlier_fraction_ignored():
-    assert accepted("Half is 2.5, doubled is 5.", "The answer is 5.", "math")
+    assert is_accepted("Half is 2.5, doubled is 5.", "The answer is 5.", "math")
 
 
 def test_math_trailing_period_ignored():
-    assert accepted("The answer is 72.", "72", "math")
+    assert is_accepted("The answer is 72.", "72", "math")
 
 
 def test_math_banned_before_check():
@@ -223,11 +223,11 @@ CALL = "pyarrow.Timestamp(unit='s')"
 
 
 def test_call_quotes_normalised():
-    assert accepted('Use pyarrow.Timestamp(unit="s") here', CALL, "openfunction")
+    assert is_accepted('Use pyarrow.Timestamp(unit="s") here', CALL, "openfunction")
 
 
 def test_call_exact_copy_accepted():
-    assert accepted(CALL, CALL, "openfunction")
+    assert is_accepted(CALL, CALL, "openfunction")
 
 
 def test_call_word_prefix_rejected():
@@ -238,67 +238,67 @@ def test_call_word_prefix_rejected():
 
 
 def test_call_underscore_prefix_rejected():
-    assert not accepted('_pyarrow.Timestamp(unit="s")', CALL, "openfunction")
+    assert not is_accepted('_pyarrow.Timestamp(unit="s")', CALL, "openfunction")
 
 
 def test_call_dotted_prefix_accepted():
     # "." is not a word character, so a boundary sits before "pyarrow".
-    assert accepted('lib.pyarrow.Timestamp(unit="s")', CALL, "openfunction")
+    assert is_accepted('lib.pyarrow.Timestamp(unit="s")', CALL, "openfunction")
 
 
 def test_call_backticks_accepted():
-    assert accepted('Call `pyarrow.Timestamp(unit="s")`.', CALL, "openfunction")
+    assert is_accepted('Call `pyarrow.Timestamp(unit="s")`.', CALL, "openfunction")
 
 
 def test_call_suffix_name_accepted():
     # The original "Timestamp(...)" matches after the dot of a longer name.
-    assert accepted('pa.Timestamp(unit="s")', "Timestamp(unit='s')", "openfunction")
+    assert is_accepted('pa.Timestamp(unit="s")', "Timestamp(unit='s')", "openfunction")
 
 
 def test_call_shorter_name_rejected():
-    assert not accepted('Timestamp(unit="s")', CALL, "openfunction")
+    assert not is_accepted('Timestamp(unit="s")', CALL, "openfunction")
 
 
 def test_call_other_args_rejected():
-    assert not accepted('pyarrow.Timestamp(unit="ms")', CALL, "openfunction")
+    assert not is_accepted('pyarrow.Timestamp(unit="ms")', CALL, "openfunction")
 
 
 def test_call_whitespace_collapsed():
     original = "f(a=1,  b=2)"
-    assert accepted("Try f(a=1,\n\tb=2) now.", original, "openfunction")
+    assert is_accepted("Try f(a=1,\n\tb=2) now.", original, "openfunction")
 
 
 def test_call_string_list_comma():
     original = "f(names=['x', 'y'])"
-    assert accepted('f(names=["x","y"])', original, "openfunction")
+    assert is_accepted('f(names=["x","y"])', original, "openfunction")
 
 
 def test_call_string_list_spaces():
     original = "f(names=['x','y'])"
-    assert accepted("f(names=['x',   'y'])", original, "openfunction")
+    assert is_accepted("f(names=['x',   'y'])", original, "openfunction")
 
 
 def test_call_number_comma_space_kept():
     # Only `", "` loses its space, so "1, b" and "1,b" stay different.
-    assert not accepted("f(a=1,b=2)", "f(a=1, b=2)", "openfunction")
+    assert not is_accepted("f(a=1,b=2)", "f(a=1, b=2)", "openfunction")
 
 
 def test_call_regex_chars_escaped():
     original = "re.sub(r'a+b?', '.', s)"
-    assert accepted('re.sub(r"a+b?",".", s)', original, "openfunction")
+    assert is_accepted('re.sub(r"a+b?",".", s)', original, "openfunction")
 
 
 def test_call_regex_chars_literal():
     original = "re.sub(r'a+b?', '.', s)"
-    assert not accepted('re.sub(r"aab",".", s)', original, "openfunction")
+    assert not is_accepted('re.sub(r"aab",".", s)', original, "openfunction")
 
 
 def test_call_missing_rejected():
-    assert not accepted("Use the Timestamp type.", CALL, "openfunction")
+    assert not is_accepted("Use the Timestamp type.", CALL, "openfunction")
 
 
 def test_call_original_without_call():
-    assert not accepted("anything(1)", "no call here", "openfunction")
+    assert not is_accepted("anything(1)", "no call here", "openfunction")
 
 
 # Code: a ```python block and a fixed opening.
@@ -307,12 +307,12 @@ def test_call_original_without_call():
 @pytest.mark.parametrize("start", ["I have", "Here is", "I implemented"])
 def test_code_allowed_starts(start):
     rewrite = f"{start} the function:\n```python\ndef f():\n    return 1\n```"
-    assert accepted(rewrite, "", "code")
+    assert is_accepted(rewrite, "", "code")
 
 
 def test_code_start_after_strip():
     rewrite = "\n  Here is the code:\n```python\npass\n```\n"
-    assert accepted(rewrite, "", "code")
+    assert is_accepted(rewrite, "", "code")
 
 
 def test_code_without_block_rejected():
@@ -322,11 +322,11 @@ def test_code_without_block_rejected():
 
 
 def test_code_other_start_rejected():
-    assert not accepted("Sure! Here is the code:\n```python\npass\n```", "", "code")
+    assert not is_accepted("Sure! Here is the code:\n```python\npass\n```", "", "code")
 
 
 def test_code_lowercase_start_rejected():
-    assert not accepted("here is the code:\n```python\npass\n```", "", "code")
+    assert not is_accepted("here is the code:\n```python\npass\n```", "", "code")
 
 
 # No task check.
@@ -337,4 +337,4 @@ def test_code_lowercase_start_rejected():
     ["x", "The answer is 2.5", "```python\npass\n```", "Sure thing!", "your turn"],
 )
 def test_none_check_accepts(text):
-    assert accepted(text, "unrelated original", "none")
+    assert is_accepted(text, "unrelated original", "none")

@@ -135,7 +135,7 @@ def distill_command(args) -> int:
         result = distill(config, records, loaded, output_dir, cache)
     stats = result.stats
     print(
-        f"accepted {stats['accepted']} of {stats['records']} rewrites "
+        f"accepted {stats['accepted']} of {stats['turns']} rewrites in {stats['records']} records "
         f"({100 * stats['acceptance_rate']:.1f}%); rejected: {stats['rejected'] or 'none'}"
     )
     print(f"distilled data: {output_dir / 'distilled.json'}")

@@ -121,9 +121,14 @@ class DistillConfig:
     """Measure the seed model's per-token NLL of original vs distilled responses."""
     nll_limit: int | None = None
     """Measure the NLL gap on the first N records only."""
+    mix: float = 1.0
+    """Share of records (0 to 1) that train on their accepted rewrites; the rest keep the originals."""
+    mix_seed: int = 42
 
     def __post_init__(self):
         check_positive("distill.nll_limit", self.nll_limit)
+        if not 0.0 <= self.mix <= 1.0:
+            raise ConfigError(f"distill.mix: must be between 0 and 1, got {self.mix}")
         check_choice("distill.template", self.template, tuple(TEMPLATES))
         check_choice("distill.check", self.check, CHECKS)
         if not TEMPLATES[self.template].rewrite:
@@ -334,7 +339,8 @@ def apply_override(data: dict, override: str) -> None:
 def build(cls, data, prefix: str):
     """Build a dataclass from a dict, checking keys and value types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -374,6 +380,12 @@ def convert(hint, value, name: str):
         return {str(k): convert(args[1], v, f"{name}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as text; accept it as the number it plainly is.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -65,6 +65,31 @@ class Record:
             self.response_field,
         )
 
+    def turns(self) -> list[tuple[str, str]]:
+        """Return every (user, assistant) turn, the current one last."""
+        return list(self.history) + [(instruction_with_input(self), self.response)]
+
+    def at_turn(self, index: int) -> "Record":
+        """Return the conversation cut after turn ``index``: earlier turns become history."""
+        turns = self.turns()
+        user, assistant = turns[index]
+        if index == len(turns) - 1:
+            return Record(self.id, self.instruction, assistant, self.input, list(self.history))
+        return Record(self.id, user, assistant, "", turns[:index])
+
+    def with_turn_responses(self, responses: list[str]) -> "Record":
+        """Return a copy whose assistant turns are replaced, oldest first."""
+        history = [(user, new) for (user, _), new in zip(self.history, responses[:-1])]
+        record = self.with_response(responses[-1])
+        record.history = history
+        if record.source is not None and self.history:
+            key = "history"
+            if key in record.source:
+                record.source[key] = [[user, new] for user, new in history]
+            elif record.response_field == "messages":
+                replace_assistant_messages(record.source, responses)
+        return record
+
     def to_source_dict(self) -> dict:
         """Return the record with the file's own field names when it came from a file."""
         return dict(self.source) if self.source is not None else self.to_dict()
@@ -75,6 +100,22 @@ class Record:
         if self.history:
             data["history"] = [list(turn) for turn in self.history]
         return data
+
+
+def instruction_with_input(record: "Record") -> str:
+    """Join instruction and input as the authors' code does: ``instruction\ninput``."""
+    if record.input:
+        return f"{record.instruction}\n{record.input}"
+    return record.instruction
+
+
+def replace_assistant_messages(source: dict, responses: list[str]) -> None:
+    """Write new assistant texts, oldest first, into a ``messages`` row in place."""
+    messages = [dict(m) for m in source["messages"]]
+    positions = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    for position, response in zip(positions, responses):
+        messages[position]["content"] = response
+    source["messages"] = messages
 
 
 @dataclass(frozen=True)
@@ -311,7 +352,10 @@ def parse_row(row, where, format, columns, require_response, default_id) -> Reco
     input_text = pick(row, where, "input", columns, input_keys, required=False)
     response = pick(row, where, "response", columns, response_keys, required=require_response)
     if format == "multiarith" and isinstance(response, list):
-        response = f"The answer is {response[0]}"
+        answer = response[0]
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)
+        response = f"The answer is {answer}"
     history = parse_history(row, where, columns)
     response_field = columns.get("response") or next((k for k in response_keys if k in row), None)
     return Record(record_id, instruction, response, input_text, history, row, response_field)

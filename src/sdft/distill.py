@@ -4,13 +4,14 @@
 
 Writes into the output folder:
     distilled.json      one record per input record, same order and fields
-    selection.jsonl     per record: accepted or not, the reason, and the rewrite
+    selection.jsonl     per assistant turn: accepted or not, the reason, and the rewrite
     distill_stats.json  acceptance rate, rejection counts, NLL gap and provenance
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from sdft.models import LoadedModel, model_fingerprint
 from sdft.prompts import get_template, render_prompt, resolve_rendering
 from sdft.provenance import provenance
 from sdft.selection import Decision, select
+
+MIXED_OUT = "mixed_out"
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +46,16 @@ class DistillResult:
 def distill(
     config: Config, records: list[Record], loaded: LoadedModel, output_dir: Path, cache: ResultCache
 ) -> DistillResult:
-    """Rewrite, select and write the distilled dataset with its log and statistics."""
+    """Rewrite, select and write the distilled dataset with its log and statistics.
+
+    Every assistant turn is rewritten with the earlier (original) turns as context
+    and selected on its own, so a multi-turn record may mix rewrites and originals.
+    """
     rendering = resolve_rendering(config.prompt.rendering, loaded.tokenizer)
     template = get_template(config.distill.template)
-    prompts = [render_prompt(template, record, loaded.tokenizer, rendering) for record in records]
+    turns = [(r, t) for r, record in enumerate(records) for t in range(len(record.history) + 1)]
+    views = [records[r].at_turn(t) for r, t in turns]
+    prompts = [render_prompt(template, view, loaded.tokenizer, rendering) for view in views]
     rewrites = generate(
         loaded,
         prompts,
@@ -56,25 +65,65 @@ def distill(
         description="rewriting",
     )
 
-    decisions = [
-        select(rewrite, record.response, config.distill.check)
-        for rewrite, record in zip(rewrites, records)
-    ]
-    distilled = [
-        record.with_response(rewrite.strip()) if decision.accepted else record
-        for record, rewrite, decision in zip(records, rewrites, decisions)
-    ]
+    decisions = [select(rewrite, view.response, config.distill.check) for rewrite, view in zip(rewrites, views)]
+    decisions = apply_mix(decisions, turns, records, config.distill.mix, config.distill.mix_seed)
+    distilled = assemble(records, turns, views, rewrites, decisions)
     stats = selection_stats(decisions)
+    stats["turns"] = stats.pop("records")
+    stats["records"] = len(records)
+    stats["records_with_rewrites"] = len({r for (r, _), d in zip(turns, decisions) if d.accepted})
+    stats["by_turn"] = turn_stats(turns, decisions)
     log_stats(stats)
 
     if config.distill.nll_gap:
         from sdft.evaluation import response_nll
 
         limit = config.distill.nll_limit or len(records)
-        stats["nll_gap"] = nll_gap(config, loaded, records[:limit], distilled[:limit], decisions[:limit], response_nll)
+        used = [any(d.accepted for (r, _), d in zip(turns, decisions) if r == i) for i in range(limit)]
+        stats["nll_gap"] = nll_gap(config, loaded, records[:limit], distilled[:limit], used, response_nll)
 
-    write_outputs(config, output_dir, records, distilled, rewrites, decisions, stats, rendering)
+    log = [
+        {
+            "id": records[r].id,
+            "turn": t,
+            "accepted": decision.accepted,
+            "reason": decision.reason,
+            "detail": decision.detail,
+            "rewrite": rewrite,
+        }
+        for (r, t), rewrite, decision in zip(turns, rewrites, decisions)
+    ]
+    write_outputs(config, output_dir, records, distilled, log, stats, rendering)
     return DistillResult(distilled, decisions, stats)
+
+
+def assemble(records, turns, views, rewrites, decisions) -> list[Record]:
+    """Put accepted rewrites in place of the original turns, record by record."""
+    responses = [[turn[1] for turn in record.turns()] for record in records]
+    for (r, t), rewrite, decision in zip(turns, rewrites, decisions):
+        if decision.accepted:
+            responses[r][t] = rewrite.strip()
+    return [
+        record.with_turn_responses(new) if new != [turn[1] for turn in record.turns()] else record
+        for record, new in zip(records, responses)
+    ]
+
+
+def apply_mix(decisions, turns, records, share: float, seed: int) -> list[Decision]:
+    """Keep accepted rewrites for only ``share`` of the records, chosen with a seeded shuffle.
+
+    Records left out train on their original responses; their log entries say
+    ``mixed_out``. With share 1.0 nothing changes.
+    """
+    if share >= 1.0:
+        return decisions
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    kept = set(order[: round(share * len(records))])
+    return [
+        Decision(False, MIXED_OUT) if decision.accepted and r not in kept else decision
+        for (r, _), decision in zip(turns, decisions)
+    ]
 
 
 def selection_stats(decisions: list[Decision]) -> dict:
@@ -90,16 +139,26 @@ def selection_stats(decisions: list[Decision]) -> dict:
     }
 
 
+def turn_stats(turns, decisions) -> dict:
+    """Count turns and accepted rewrites by turn position (0 is the first assistant turn)."""
+    counts: dict[str, dict[str, int]] = {}
+    for (_, t), decision in zip(turns, decisions):
+        entry = counts.setdefault(str(t), {"turns": 0, "accepted": 0})
+        entry["turns"] += 1
+        entry["accepted"] += int(decision.accepted)
+    return counts
+
+
 def log_stats(stats: dict) -> None:
     logger.info(
-        "selection: %d of %d rewrites accepted (%.1f%%)",
-        stats["accepted"], stats["records"], 100 * stats["acceptance_rate"],
+        "selection: %d of %d rewrites accepted (%.1f%%) over %d records",
+        stats["accepted"], stats["turns"], 100 * stats["acceptance_rate"], stats["records"],
     )
     for reason, count in stats["rejected"].items():
         logger.info("selection: %d rejected for %s", count, reason)
 
 
-def nll_gap(config, loaded, originals, distilled, decisions, response_nll) -> dict:
+def nll_gap(config, loaded, originals, distilled, used, response_nll) -> dict:
     """Measure how far each dataset's responses are from the seed model's distribution.
 
     Per-token NLL under the seed model with the training prompt: the original
@@ -110,7 +169,7 @@ def nll_gap(config, loaded, originals, distilled, decisions, response_nll) -> di
     rendering = resolve_rendering(config.prompt.rendering, loaded.tokenizer)
     original_nll = response_nll(loaded, originals, template, rendering)
     distilled_nll = response_nll(loaded, distilled, template, rendering)
-    accepted = [i for i, decision in enumerate(decisions) if decision.accepted]
+    accepted = [i for i, flag in enumerate(used) if flag]
     gap = {
         "records": len(originals),
         "original": original_nll["mean"],
@@ -125,18 +184,8 @@ def nll_gap(config, loaded, originals, distilled, decisions, response_nll) -> di
     return gap
 
 
-def write_outputs(config, output_dir, records, distilled, rewrites, decisions, stats, rendering) -> None:
+def write_outputs(config, output_dir, records, distilled, log, stats, rendering) -> None:
     """Write the log first and the dataset last, so a complete dataset implies a complete log."""
-    log = [
-        {
-            "id": record.id,
-            "accepted": decision.accepted,
-            "reason": decision.reason,
-            "detail": decision.detail,
-            "rewrite": rewrite,
-        }
-        for record, rewrite, decision in zip(records, rewrites, decisions)
-    ]
     atomic_write_jsonl(output_dir / SELECTION_FILE, log)
     stats = dict(stats)
     stats["provenance"] = provenance(

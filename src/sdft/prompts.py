@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sdft.data import Record
+from sdft.data import Record, instruction_with_input
 
 RENDERINGS = ("raw", "chat")
 
@@ -129,11 +129,7 @@ def get_template(name: str) -> Template:
         ) from None
 
 
-def instruction_text(record: Record) -> str:
-    """Join instruction and input as the authors' code does: ``instruction\\ninput``."""
-    if record.input:
-        return f"{record.instruction}\n{record.input}"
-    return record.instruction
+instruction_text = instruction_with_input
 
 
 def render_raw_prompt(template: Template, record: Record, bos_token: str | None) -> str:
@@ -235,3 +231,63 @@ def resolve_rendering(rendering: str, tokenizer) -> str:
     if rendering not in RENDERINGS:
         raise ValueError(f"unknown rendering {rendering!r}; valid renderings: auto, raw, chat")
     return rendering
+
+
+def render_training_segments(
+    template: Template, record: Record, tokenizer, rendering: str
+) -> list[tuple[str, bool]]:
+    """Split a training conversation into text segments, each marked supervised or not.
+
+    Every assistant turn is supervised: earlier turns of a multi-turn record as well
+    as the final response, which ends with the end-of-sequence (raw) or end-of-turn
+    (chat) text. Joining the segments before the final response gives exactly the
+    prompt of ``render_prompt``.
+    """
+    if rendering == "chat":
+        return chat_training_segments(template, record, tokenizer)
+    if rendering != "raw":
+        raise ValueError(f"unknown rendering {rendering!r}; valid renderings: raw, chat")
+    prompt = render_raw_prompt(template, record.at_turn(len(record.history)), _bos(tokenizer))
+    segments: list[tuple[str, bool]] = []
+    cursor = 0
+    for _, assistant in record.history:
+        # History turns are laid out verbatim in the prompt; cut around each answer.
+        start = prompt.index(assistant + "\n\n", cursor)
+        segments.append((prompt[cursor:start], False))
+        segments.append((assistant, True))
+        cursor = start + len(assistant)
+    segments.append((prompt[cursor:], False))
+    segments.append((render_completion(template, record.response, tokenizer, "raw"), True))
+    return segments
+
+
+def _bos(tokenizer) -> str:
+    from sdft.models import bos_text
+
+    return bos_text(tokenizer)
+
+
+def chat_training_segments(template: Template, record: Record, tokenizer) -> list[tuple[str, bool]]:
+    """Render the conversation turn by turn through the chat template.
+
+    Each assistant turn is the text the template adds between the prompt for that
+    turn and the conversation including it. Templates whose renderings do not
+    extend each other (some drop earlier reasoning) are rejected.
+    """
+    messages = chat_messages(template, record) + [{"role": "assistant", "content": record.response}]
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not head.startswith(rendered) or not full.startswith(head):
+            raise ValueError(
+                "the chat template does not render earlier turns unchanged, so assistant turns "
+                "cannot be masked exactly; set prompt.rendering to 'raw' for this model"
+            )
+        segments.append((head[len(rendered) :], False))
+        segments.append((full[len(head) :], True))
+        rendered = full
+    return segments

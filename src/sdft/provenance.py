@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
 import platform
 import subprocess
@@ -36,9 +35,11 @@ def git_revision() -> str | None:
 
 
 def provenance(config, templates: list[str], **extra) -> dict:
-    """Collect the record saved beside an adapter, dataset or result file."""
+    """Collect the record saved beside an adapter, dataset or result file.
+
+    It holds no timestamp, so rerunning the same settings writes identical files.
+    """
     return {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "templates": {name: TEMPLATES[name].text_hash() for name in templates},
         "versions": library_versions(),

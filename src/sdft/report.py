@@ -146,11 +146,18 @@ def render_markdown(config, results: dict, plots: list[str]) -> str:
         parts += [
             "## Distillation",
             "",
-            f"Rewrites accepted: {selection['accepted']} of {selection['records']} "
-            f"({100 * selection['acceptance_rate']:.1f}%); rejected: {rejected}. "
-            "Rejected rewrites fall back to the original response.",
+            f"Rewrites accepted: {selection['accepted']} of {selection['turns']} assistant turns "
+            f"({100 * selection['acceptance_rate']:.1f}%) in {selection['records']} records; "
+            f"rejected: {rejected}. Rejected rewrites fall back to the original response.",
             "",
         ]
+        by_turn = selection.get("by_turn", {})
+        if len(by_turn) > 1:
+            parts += ["| assistant turn | rewrites | accepted | rate |", "|---|---|---|---|"]
+            for turn, entry in sorted(by_turn.items(), key=lambda item: int(item[0])):
+                rate = entry["accepted"] / entry["turns"] if entry["turns"] else 0.0
+                parts.append(f"| {int(turn) + 1} | {entry['turns']} | {entry['accepted']} | {100 * rate:.1f}% |")
+            parts.append("")
     gap = results.get("nll_gap")
     if gap:
         parts += [

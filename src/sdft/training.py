@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from sdft.config import Config
 from sdft.data import Record, records_fingerprint
 from sdft.io import atomic_save_figure, atomic_write_json
-from sdft.prompts import Template, get_template, render_completion, render_prompt, resolve_rendering
+from sdft.prompts import Template, get_template, render_training_segments, resolve_rendering
 from sdft.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,13 @@ class Example:
 
 
 def build_example(record: Record, template: Template, tokenizer, rendering: str) -> Example:
-    """Tokenize prompt and completion separately so the mask covers exactly the completion."""
-    prompt = render_prompt(template, record, tokenizer, rendering)
-    completion = render_completion(template, record.response, tokenizer, rendering)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
-    return Example(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids))
+    """Tokenize each segment separately so the mask covers exactly the assistant turns."""
+    input_ids, mask = [], []
+    for text, supervised in render_training_segments(template, record, tokenizer, rendering):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        input_ids += ids
+        mask += [int(supervised)] * len(ids)
+    return Example(input_ids, mask)
 
 
 def build_examples(
