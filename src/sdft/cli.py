@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add_command(commands, "run", "seed vs vanilla vs SDFT: train, distill, evaluate, report", run_command)
     run.add_argument("--output-dir", help="run folder (default: output_dir of the config)")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config, data and prompts, print the rendered prompts, and stop before loading the model",
+    )
+
+    recipes = commands.add_parser("recipes", help="list the shipped configs", description="list the shipped configs")
+    recipes.add_argument("--dir", help="folder of configs (default: configs/ of the sdft source tree)")
+    recipes.set_defaults(handler=recipes_command)
 
     distill = add_command(commands, "distill", "rewrite the training responses and select", distill_command)
     distill.add_argument("--dataset", help="training data: file, dataset name or Hub id")
@@ -115,9 +124,22 @@ def run_command(args) -> int:
     from sdft.report import comparison_table
 
     config = resolve_config(args, output_dir=args.output_dir)
+    if args.dry_run:
+        from sdft.pipeline import dry_run
+
+        print(dry_run(config))
+        return 0
     results = run(config)
     print(comparison_table(results))
     print(f"\nreport: {Path(config.output_dir) / 'report.md'}")
+    return 0
+
+
+def recipes_command(args) -> int:
+    from sdft.recipes import find_recipes
+
+    for name, summary in find_recipes(args.dir):
+        print(f"{name:<34} {summary}")
     return 0
 
 

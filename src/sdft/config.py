@@ -60,11 +60,14 @@ class DataConfig:
     """Map from instruction/input/response/history/messages/id to the file's column names."""
     limit: int | None = None
     """Use only the first N training records."""
+    invalid: str = "error"
+    """Rows with a missing, empty or mistyped field: error (stop) or skip (drop and count)."""
 
     def __post_init__(self):
         from sdft.data import FORMATS
 
         check_choice("data.format", self.format, FORMATS)
+        check_choice("data.invalid", self.invalid, ("error", "skip"))
         check_positive("data.limit", self.limit)
         valid = {"instruction", "input", "response", "history", "messages", "id"}
         for key in self.columns:
@@ -294,10 +297,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     data = {}
     if path is not None:
-        data = read_yaml(Path(path))
+        data = read_with_base(Path(path), seen=())
     for override in overrides or []:
         apply_override(data, override)
     return build(Config, data, "")
+
+
+def read_with_base(path: Path, seen: tuple) -> dict:
+    """Read a config; a top-level ``base: FILE`` (relative to it) is read first and overlaid."""
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: base: {base} includes itself")
+    return deep_merge(read_with_base(base_path, seen + (base_path,)), data)
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def read_yaml(path: Path) -> dict:

@@ -14,9 +14,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "alpaca", "messages", "gsm8k", "advbench", "multiarith")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -175,6 +178,7 @@ def load_dataset_records(
     columns: dict[str, str] | None = None,
     limit: int | None = None,
     require_response: bool = True,
+    invalid: str = "error",
 ) -> list[Record]:
     """Load records from a file path, a named dataset or a Hub dataset id.
 
@@ -187,6 +191,8 @@ def load_dataset_records(
             history, messages, id) to the file's column names.
         limit: Keep only the first ``limit`` records.
         require_response: Reject records whose response is missing or empty.
+        invalid: ``error`` stops at the first invalid row; ``skip`` drops invalid
+            rows with a warning that counts them and names the first few.
 
     Raises:
         DataError: the source cannot be found or a row is invalid.
@@ -196,7 +202,7 @@ def load_dataset_records(
     if limit is not None:
         rows = rows[:limit]
     name = str(path) if path is not None else origin.hub_id
-    records = parse_rows(rows, name, format, columns or {}, require_response)
+    records = parse_rows(rows, name, format, columns or {}, require_response, invalid)
     if not records:
         raise DataError(f"{name}: the dataset is empty; nothing to process")
     return records
@@ -205,13 +211,17 @@ def load_dataset_records(
 def locate(source: str, data_dir, format: str) -> tuple[Path | None, str, NamedDataset | None]:
     """Find where a source lives: a local file, the data directory or the Hub."""
     candidate = Path(source).expanduser()
+    directory = resolve_data_dir(data_dir)
     if candidate.suffix in SUFFIXES or candidate.exists():
-        if not candidate.is_file():
-            raise DataError(f"{source}: data file not found; check the path")
-        return candidate, format, None
+        if candidate.is_file():
+            return candidate, format, None
+        # A relative path may name a file inside the data directory.
+        if directory is not None and not candidate.is_absolute() and (directory / candidate).is_file():
+            return directory / candidate, format, None
+        where = f" (also looked in the data directory {directory})" if directory and not candidate.is_absolute() else ""
+        raise DataError(f"{source}: data file not found{where}; check the path")
 
     named = NAMED_DATASETS.get(source)
-    directory = resolve_data_dir(data_dir)
     if named is not None:
         format = named.format if format == "auto" else format
         if directory is not None:
@@ -299,17 +309,23 @@ def read_hub_rows(named: NamedDataset) -> list[dict]:
 
 
 def parse_rows(
-    rows: list, name: str, format: str, columns: dict[str, str], require_response: bool
+    rows: list, name: str, format: str, columns: dict[str, str], require_response: bool, invalid: str = "error"
 ) -> list[Record]:
     """Validate rows and turn them into records; ids must be unique."""
     if rows and format == "auto":
         format = guess_format(rows[0], name, columns)
-    records, seen = [], {}
+    records, seen, skipped = [], {}, []
     for number, row in enumerate(rows, start=1):
         where = f"{name}: row {number}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
-        record = parse_row(row, where, format, columns, require_response, default_id=str(number - 1))
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+            record = parse_row(row, where, format, columns, require_response, default_id=str(number - 1))
+        except DataError as err:
+            if invalid != "skip":
+                raise
+            skipped.append(str(err))
+            continue
         if record.id in seen:
             raise DataError(
                 f"{where}: field 'id': duplicate id {record.id!r} (first at row {seen[record.id]}); "
@@ -317,6 +333,8 @@ def parse_rows(
             )
         seen[record.id] = number
         records.append(record)
+    if skipped:
+        logger.warning("%s: skipped %d invalid row(s), first: %s", name, len(skipped), "; ".join(skipped[:3]))
     return records
 
 

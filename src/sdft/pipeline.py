@@ -65,7 +65,47 @@ def load_training_records(config: Config) -> list[Record]:
         format=config.data.format,
         columns=config.data.columns,
         limit=config.data.limit,
+        invalid=config.data.invalid,
     )
+
+
+def dry_run(config: Config) -> str:
+    """Check config and data, render the first record's prompts, and return a summary.
+
+    Loads no model weights: the tokenizer is loaded when it is available, otherwise
+    raw prompts are shown without a BOS token and chat rendering is reported as
+    needing it.
+    """
+    from sdft.models import load_tokenizer, resolve_model_path
+    from sdft.prompts import get_template, render_prompt, render_raw_prompt, resolve_rendering
+
+    records = load_training_records(config)
+    check_benchmark_data(config)
+    lines = [f"config valid; {len(records)} training records from {config.data.train}"]
+    try:
+        tokenizer = load_tokenizer(resolve_model_path(config.model.name))
+    except (OSError, ValueError) as err:
+        tokenizer = None
+        lines.append(f"tokenizer of {config.model.name} not available here ({str(err).splitlines()[0]})")
+    record = records[0]
+    for stage, name in (
+        ("rewrite", config.distill.template),
+        ("training", config.train.template),
+        ("evaluation", config.eval.template),
+    ):
+        template = get_template(name)
+        if tokenizer is not None:
+            rendering = resolve_rendering(config.prompt.rendering, tokenizer)
+            text = render_prompt(template, record, tokenizer, rendering)
+        elif config.prompt.rendering == "chat":
+            raise ConfigError(
+                f"prompt.rendering: chat needs the tokenizer of {config.model.name}; download "
+                "the model or use rendering: raw"
+            )
+        else:
+            rendering, text = "raw", render_raw_prompt(template, record, "")
+        lines += [f"--- {stage} prompt ({name}, {rendering}) ---", text]
+    return "\n".join(lines)
 
 
 def run(config: Config) -> dict:
