@@ -50,3 +50,50 @@ def test_overlong_truncate_and_skip(tokenizer):
     skipped, counts = build_examples(records, template, tokenizer, "chat", 128, "skip")
     assert counts == {"records": 2, "used": 1, "truncated": 0, "skipped": 1}
     assert len(skipped) == 1
+
+
+# Chat templates of three families, written for these tests in the style of each
+# family's published template; the SmolLM2 tokenizer renders and tokenizes them.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% if loop.index0 == 0 and system %}{{ bos_token }}[INST] <<SYS>>\n{{ system }}\n<</SYS>>\n\n"
+    "{{ m['content'] }} [/INST]{% else %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]{% endif %}"
+    "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
+)
+MULTI_TURN = Record("7", "Second question?", "Second answer.", "", [("First question?", "First answer.")])
+
+
+@pytest.mark.parametrize(
+    "family, template, turn_end",
+    [
+        ("chatml", None, "{answer}<|im_end|>\n"),
+        ("llama3", LLAMA3_TEMPLATE, "{answer}<|eot_id|>"),
+        ("llama2", LLAMA2_TEMPLATE, " {answer} <|im_end|>"),
+    ],
+)
+def test_mask_covers_every_assistant_turn(tokenizer, family, template, turn_end):
+    import copy
+
+    local = copy.deepcopy(tokenizer)
+    if template is not None:
+        local.chat_template = template
+    example = build_example(MULTI_TURN, get_template("alpaca"), local, "chat")
+    supervised = [t for t, m in zip(example.input_ids, example.completion_mask) if m]
+    expected = turn_end.format(answer="First answer.") + turn_end.format(answer="Second answer.")
+    assert local.decode(supervised) == expected
+    full = local.decode(example.input_ids)
+    assert "First question?" in full
+    assert full.endswith(turn_end.format(answer="Second answer."))
+
+
+def test_raw_multi_turn_masks_history_answers(tokenizer):
+    example = build_example(MULTI_TURN, get_template("alpaca"), tokenizer, "raw")
+    supervised = [t for t, m in zip(example.input_ids, example.completion_mask) if m]
+    assert tokenizer.decode(supervised) == "First answer.Second answer." + tokenizer.eos_token

@@ -91,6 +91,8 @@ class GenerationConfig:
     batch_size: int = 32
     """Prompts generated together; larger is faster until memory runs out."""
     seed: int = 42
+    compact: bool = True
+    """Greedy only: drop finished sequences from the batch instead of padding them to the end."""
 
     def __post_init__(self):
         check_choice("generation.mode", self.mode, ("sample", "greedy"))

@@ -105,6 +105,10 @@ def generate_batch(loaded, prompts, settings, decoding, batch_number) -> tuple[l
     tokenizer.padding_side = "left"
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     inputs = {name: tensor.to(loaded.device) for name, tensor in inputs.items()}
+    if settings.mode == "greedy" and settings.compact:
+        sequences = greedy_compacting(model, inputs, decoding["max_new_tokens"], end_token_ids(tokenizer, model))
+        completions = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        return [completion.strip() for completion in completions], sum(len(s) for s in sequences)
     options = {
         "max_new_tokens": decoding["max_new_tokens"],
         "pad_token_id": tokenizer.pad_token_id,
@@ -121,6 +125,49 @@ def generate_batch(loaded, prompts, settings, decoding, batch_number) -> tuple[l
     completions = tokenizer.batch_decode(new, skip_special_tokens=True)
     produced = int((new != tokenizer.pad_token_id).sum())
     return [completion.strip() for completion in completions], produced
+
+
+def greedy_compacting(model, inputs: dict, max_new_tokens: int, end_ids: list[int]) -> list[list[int]]:
+    """Greedy decoding that drops finished sequences from the batch after every step.
+
+    ``model.generate`` keeps computing every row until the longest one stops; here
+    a row leaves the batch (and its KV cache entries are discarded) as soon as it
+    emits an end token or reaches ``max_new_tokens``. The arithmetic per row is
+    unchanged, so in float32 the tokens equal those of ``generate`` at batch 1.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    ends = torch.tensor(end_ids, device=input_ids.device)
+    outputs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    cache = DynamicCache(config=model.config)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    step_input = input_ids
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            logits = model(
+                input_ids=step_input,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            tokens = logits.argmax(-1)
+            for row, token in zip(rows.tolist(), tokens.tolist()):
+                outputs[row].append(token)
+            running = ~torch.isin(tokens, ends)
+            if step == max_new_tokens - 1 or not running.any():
+                break
+            if not running.all():
+                keep = running.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, tokens, attention_mask = rows[keep], tokens[keep], attention_mask[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
+            position_ids = attention_mask.sum(-1, keepdim=True) - 1
+            step_input = tokens[:, None]
+    return outputs
 
 
 def end_token_ids(tokenizer, model) -> list[int]:

@@ -8,13 +8,14 @@ Every program runs in a fresh temporary folder, which is its working directory,
 ``HOME`` and ``TMPDIR``, and which is deleted afterwards. Two isolation levels
 exist, chosen once per process by ``isolation_level()``:
 
-``namespaces`` (Linux, run as root, ``unshare`` and ``setpriv`` from util-linux
-present and working): the child gets its own network namespace (no interfaces
-up, so no network at all), its own PID namespace (killing its first process
-kills every process it started), its own mount namespace with empty tmpfs
-mounts over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` (only its
-working folder is bound back), and it runs as an unprivileged user ID of its own,
-so it cannot write to files owned by other users.
+``namespaces`` needs Linux, root, and working ``unshare`` and ``setpriv`` from
+util-linux. The child gets its own network namespace, where no interface is up,
+so it has no network at all. Its own PID namespace means that killing the
+namespace's first process kills every process the program started. Its own
+mount namespace puts empty tmpfs mounts over ``/tmp``, ``/var/tmp``,
+``/dev/shm`` and ``/run/lock``, with only its working folder bound back. It runs
+as an unprivileged user ID of its own, so it cannot write to files owned by
+other users.
 
 ``rlimits`` (anything else): the child runs as the calling user, protected only
 by the resource limits and the Python guard below.
@@ -50,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ ISOLATION_LEVELS = ("namespaces", "rlimits")
 STDERR_TAIL = 2000
 """Characters of the child's stderr kept in a result."""
 
-# Exit codes of the guard preamble; any other code, or a signal, is an error.
+# Exit codes of the preambles. Any other code, or a signal, counts as an error.
 EXIT_FAILED = 65
 EXIT_ERROR = 66
 EXIT_CALLED_EXIT = 67
@@ -68,9 +70,9 @@ EXIT_SETUP_FAILED = 97
 
 SANDBOX_UID_BASE = 1_990_000_000
 SANDBOX_UID_COUNT = 4096
-"""Unprivileged user IDs for the namespaces level: each run takes its own, so the
+"""Unprivileged user IDs for the namespaces level. Each run takes its own, so the
 process limit counts only that run's processes. IDs this high are unused on
-ordinary systems; a container whose user namespace does not map them falls back
+ordinary systems. A container whose user namespace does not map them falls back
 to the rlimits level."""
 
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
@@ -90,7 +92,7 @@ class Limits:
     cpu_seconds: int = 10
     """RLIMIT_CPU: the kernel sends SIGXCPU after this much CPU time."""
     memory_bytes: int = 1 << 30
-    """RLIMIT_AS: address space; larger allocations raise MemoryError."""
+    """RLIMIT_AS: address space in bytes. Larger allocations raise MemoryError."""
     processes: int = 16
     """RLIMIT_NPROC: processes and threads of the sandbox user (namespaces level)."""
     file_bytes: int = 16 << 20
@@ -108,7 +110,7 @@ class SandboxResult:
     Attributes:
         passed: The program ran to its end without an exception.
         status: ``passed``, ``failed`` (an AssertionError), ``timeout`` (wall-clock
-            or CPU limit) or ``error`` (any other exception, exit or signal).
+            or CPU limit, or SIGKILL) or ``error`` (any other exception, exit or signal).
         stderr: The last ``STDERR_TAIL`` characters of the program's stderr.
         returncode: Exit code of the child; negative for a signal; None after a timeout.
         seconds: Wall-clock time of the run.
@@ -133,7 +135,7 @@ def run_programs(
 
     Args:
         sources: Python source texts.
-        limits: Limits of every run; ``Limits()`` when None.
+        limits: Limits of every run, ``Limits()`` when None.
         labels: Text added to each child's command line, so ``ps`` shows which
             program runs (e.g. a task id).
         workers: Programs run at once; ``min(4, os.cpu_count())`` when None.
@@ -147,7 +149,9 @@ def run_programs(
     workers = workers or min(4, os.cpu_count() or 1)
     level = isolation or isolation_level()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_program, s, limits, label, level) for s, label in zip(sources, labels)]
+        futures = [
+            pool.submit(run_program, s, limits, label, level) for s, label in zip(sources, labels)
+        ]
         with tqdm(total=len(futures), desc=description, unit="program") as progress:
             for future in futures:
                 future.add_done_callback(lambda _: progress.update(1))
@@ -166,7 +170,9 @@ def run_program(
     limits = limits or Limits()
     level = isolation or isolation_level()
     if level not in ISOLATION_LEVELS:
-        raise ValueError(f"isolation: unknown level {level!r}; valid levels: {', '.join(ISOLATION_LEVELS)}")
+        raise ValueError(
+            f"isolation: unknown level {level!r}; valid levels: {', '.join(ISOLATION_LEVELS)}"
+        )
     base = Path(tempfile.mkdtemp(prefix="sdft-sandbox-"))
     uid = next_sandbox_uid() if level == "namespaces" else None
     try:
@@ -180,14 +186,16 @@ def run_program(
     if returncode == EXIT_SETUP_FAILED:
         raise SandboxError(f"sandbox setup failed at the {level} level: {stderr.strip()}")
     status = classify(returncode, timed_out)
-    return SandboxResult(status == "passed", status, stderr, None if timed_out else returncode, seconds)
+    return SandboxResult(
+        status == "passed", status, stderr, None if timed_out else returncode, seconds
+    )
 
 
 def prepare_workdir(base: Path, source: str, uid: int | None) -> Path:
     """Create the program's working folder inside ``base`` and write the program there.
 
-    ``base`` stays private to the caller (mode 0700) and also receives the
-    child's stdout and stderr files.
+    ``base`` also receives the child's stdout and stderr files, which the child
+    writes through inherited descriptors.
     """
     workdir = base / "work"
     workdir.mkdir()
@@ -202,13 +210,16 @@ def prepare_workdir(base: Path, source: str, uid: int | None) -> Path:
     return workdir
 
 
-def execute(base: Path, workdir: Path, limits: Limits, label: str, level: str, uid: int | None) -> tuple[int, bool]:
+def execute(
+    base: Path, workdir: Path, limits: Limits, label: str, level: str, uid: int | None
+) -> tuple[int, bool]:
     """Start the child, wait up to the wall-clock limit, kill its process group.
 
     Returns:
         The child's return code and whether the wall-clock limit ended it.
     """
     command = build_command(workdir, limits, label, level, uid)
+    processes = limits.processes if level == "namespaces" else process_allowance(limits.processes)
     with open(base / "stdout", "wb") as stdout, open(base / "stderr", "wb") as stderr:
         try:
             process = subprocess.Popen(
@@ -219,7 +230,9 @@ def execute(base: Path, workdir: Path, limits: Limits, label: str, level: str, u
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,
-                preexec_fn=functools.partial(apply_limits, limits, level),
+                # prepare_child makes only setrlimit and prctl calls, which take
+                # no lock another thread could hold at fork time.
+                preexec_fn=functools.partial(prepare_child, limits, processes),  # noqa: PLW1509
             )
         except OSError as err:
             raise SandboxError(f"could not start {command[0]}: {err}") from err
@@ -228,13 +241,20 @@ def execute(base: Path, workdir: Path, limits: Limits, label: str, level: str, u
             process.wait(timeout=limits.timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
+            if level == "namespaces":
+                kill_namespace(process)
         # Kill the group even after a normal exit, so no background child stays.
         kill_group(process.pid)
         process.wait()
-    return process.returncode, timed_out
+    returncode = process.returncode
+    if level == "namespaces" and 128 < returncode < 128 + signal.NSIG:
+        returncode = 128 - returncode  # the shell's 128 + N becomes -N, as from Popen
+    return returncode, timed_out
 
 
-def build_command(workdir: Path, limits: Limits, label: str, level: str, uid: int | None) -> list[str]:
+def build_command(
+    workdir: Path, limits: Limits, label: str, level: str, uid: int | None
+) -> list[str]:
     """Return the child's argument list: the interpreter, wrapped in namespaces if chosen."""
     python = [sys.executable, "-I", "-B"]
     if limits.python_guard:
@@ -245,10 +265,28 @@ def build_command(workdir: Path, limits: Limits, label: str, level: str, uid: in
         python.append(label)
     if level == "rlimits":
         return python
-    switch_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+    switch_user = [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--",
+    ]
     return [
-        "unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
-        "sh", "-c", NAMESPACE_SETUP, "sdft-sandbox", *switch_user, *python,
+        "unshare",
+        "--net",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "--",
+        "sh",
+        "-c",
+        NAMESPACE_SETUP,
+        "sdft-sandbox",
+        *switch_user,
+        *python,
     ]
 
 
@@ -266,16 +304,32 @@ def child_environment(workdir: Path) -> dict[str, str]:
     }
 
 
-def apply_limits(limits: Limits, level: str) -> None:
+def prepare_child(limits: Limits, processes: int) -> None:
+    """Run in the child between fork and exec: limits, then a parent-death signal."""
+    apply_limits(limits, processes)
+    kill_when_parent_exits()
+
+
+def kill_when_parent_exits() -> None:
+    """Ask Linux to SIGKILL the child when the thread that started it exits.
+
+    This way a program does not outlive an sdft process that is killed. At the
+    namespaces level this reaches unshare, whose --kill-child option passes it on.
+    The worker thread that starts a child waits for it, so the signal only fires
+    if that wait never ends.
+    """
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def apply_limits(limits: Limits, processes: int) -> None:
     """Set the resource limits in the child between fork and exec.
 
-    Soft and hard limits are equal, so the program cannot raise them, except for
-    CPU time: SIGXCPU comes at the soft limit (the preamble exits on it) and
-    SIGKILL one second later at the hard limit, for code that never returns to
-    the interpreter loop. The first process of a PID namespace ignores SIGXCPU
-    unless it has a handler, so the preamble installs one.
+    Soft and hard limits are equal, so the program cannot raise them. CPU time
+    is the exception. SIGXCPU comes at the soft limit, and the preamble exits on
+    it. SIGKILL follows one second later at the hard limit, for code that never
+    returns to the interpreter loop. ``processes`` is the RLIMIT_NPROC value.
     """
-    processes = limits.processes if level == "namespaces" else process_allowance(limits.processes)
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
     for name, value in (
         (resource.RLIMIT_AS, limits.memory_bytes),
@@ -305,6 +359,31 @@ def process_allowance(extra: int) -> int:
     return tasks + extra
 
 
+def kill_namespace(process: subprocess.Popen) -> None:
+    """Kill the first process of the child's PID namespace and wait for unshare to exit.
+
+    The kernel then kills every other process of the namespace and reaps them
+    before that first process is gone, so once unshare (its parent) has exited,
+    nothing of the program is left. Killing unshare first instead would return
+    while the program may still be running for a moment.
+    """
+    try:
+        children = psutil.Process(process.pid).children()
+    except psutil.NoSuchProcess:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        logger.warning(
+            "sandbox: unshare (pid %d) still runs 10 s after its namespace was killed", process.pid
+        )
+
+
 def kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -314,7 +393,9 @@ def kill_group(pgid: int) -> None:
 
 def classify(returncode: int, timed_out: bool) -> str:
     """Turn a return code into passed, failed, timeout or error."""
-    if timed_out or returncode in (EXIT_CPU_LIMIT, -signal.SIGXCPU):
+    # SIGKILL reaches the child from the CPU hard limit. The OOM killer could
+    # send one too, but the address-space limit makes that unlikely.
+    if timed_out or returncode in (EXIT_CPU_LIMIT, -signal.SIGXCPU, -signal.SIGKILL):
         return "timeout"
     if returncode == 0:
         return "passed"
@@ -331,6 +412,22 @@ def read_tail(path: Path) -> str:
     return text[-STDERR_TAIL:]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def load_libc():
+    """Load the C library for prctl before any fork, or return None outside Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_libc = load_libc()
 _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
 
@@ -346,10 +443,10 @@ def next_sandbox_uid() -> int:
 def isolation_level() -> str:
     """Pick the strongest isolation level that works here, once per process.
 
-    Probes the namespaces level with a trivial program; any failure (not root,
+    Probes the namespaces level with a trivial program. Any failure (not root,
     no ``unshare``, a container that forbids namespaces or mounts, an unmapped
     user ID, an interpreter the sandbox user cannot read) selects ``rlimits``
-    with a warning that says why.
+    and logs a warning with the reason.
     """
     reason = namespace_problem()
     if reason is None:
@@ -372,7 +469,9 @@ def namespace_problem() -> str | None:
     if missing:
         return f"{', '.join(missing)} not found on PATH"
     try:
-        result = run_program("import os\nassert os.getuid() != 0\n", Limits(timeout=30), isolation="namespaces")
+        result = run_program(
+            "import os\nassert os.getuid() != 0\n", Limits(timeout=30), isolation="namespaces"
+        )
     except SandboxError as err:
         return str(err)
     if not result.passed:
@@ -385,20 +484,26 @@ def namespace_problem() -> str | None:
 # its own path. The shell's current directory is still the original folder, and
 # /proc/self/cwd reaches it even once /tmp is covered; --no-canonicalize stops
 # mount from turning that link into a path, which would name the new empty folder.
+# The shell stays the namespace's first process and runs Python as its child:
+# the kernel ignores SIGXCPU sent to a namespace's first process, and unshare
+# does not report a child's signal, whereas the shell exits with 128 + signal.
 NAMESPACE_SETUP = rf"""
 fail() {{ echo "sdft sandbox setup: $1" >&2; exit {EXIT_SETUP_FAILED}; }}
-for folder in {' '.join(PRIVATE_TMPFS)}; do
+for folder in {" ".join(PRIVATE_TMPFS)}; do
     if [ -d "$folder" ]; then
-        mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev sdft-sandbox "$folder" || fail "tmpfs on $folder"
+        mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev sdft-sandbox "$folder" \
+            || fail "tmpfs on $folder"
     fi
 done
 mkdir -p "$SDFT_SANDBOX_DIR" || fail "mkdir $SDFT_SANDBOX_DIR"
-mount --no-canonicalize --bind /proc/self/cwd "$SDFT_SANDBOX_DIR" || fail "bind mount of $SDFT_SANDBOX_DIR"
+mount --no-canonicalize --bind /proc/self/cwd "$SDFT_SANDBOX_DIR" \
+    || fail "bind mount of $SDFT_SANDBOX_DIR"
 cd "$SDFT_SANDBOX_DIR" || fail "cd $SDFT_SANDBOX_DIR"
-exec "$@"
+"$@"
+exit $?
 """
 
-# Runs the program without the guard; exit codes as in GUARD_PREAMBLE.
+# Runs the program without the guard, with the exit codes of GUARD_PREAMBLE.
 PLAIN_PREAMBLE = rf"""
 import os, signal, sys, traceback
 signal.signal(signal.SIGXCPU, lambda *_: os._exit({EXIT_CPU_LIMIT}))
@@ -412,7 +517,8 @@ try:
 except AssertionError:
     traceback.print_exc(); _code = {EXIT_FAILED}
 except SystemExit as exit:
-    print(f"program called exit({{exit.code!r}}) before its end", file=sys.stderr); _code = {EXIT_CALLED_EXIT}
+    print(f"program called exit({{exit.code!r}}) before its end", file=sys.stderr)
+    _code = {EXIT_CALLED_EXIT}
 except BaseException:
     traceback.print_exc(); _code = {EXIT_ERROR}
 sys.stdout.flush(); sys.stderr.flush()
@@ -430,9 +536,9 @@ signal.signal(signal.SIGXCPU, lambda *_: _exit({EXIT_CPU_LIMIT}))
 _realpath, _getcwd = os.path.realpath, os.getcwd
 
 def _disabled(name):
-    def refuse(*args, **kwargs):
+    def raise_disabled(*args, **kwargs):
         raise PermissionError(f"{{name}} is disabled in the sdft sandbox")
-    return refuse
+    return raise_disabled
 
 def _check_write(path):
     if isinstance(path, int):
@@ -440,7 +546,10 @@ def _check_write(path):
     root = _realpath(_getcwd_at_start)
     target = _realpath(os.fsdecode(os.fspath(path)))
     if target != root and not target.startswith(root + os.sep):
-        raise PermissionError(f"writing {{target}} is disabled in the sdft sandbox: only files under {{root}} may be written")
+        raise PermissionError(
+            f"writing {{target}} is disabled in the sdft sandbox: "
+            f"only files under {{root}} may be written"
+        )
 
 def _writes(mode):
     return not isinstance(mode, str) or any(flag in mode for flag in "wax+")
@@ -476,8 +585,12 @@ _DISABLED_OS = (
     "setgid", "setegid", "setregid", "setresgid", "setsid", "setpgid", "setpgrp",
 )
 _DISABLED = {{
-    subprocess: ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"),
-    socket: ("socket", "socketpair", "create_connection", "create_server", "fromfd", "getaddrinfo"),
+    subprocess: (
+        "Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput",
+    ),
+    socket: (
+        "socket", "socketpair", "create_connection", "create_server", "fromfd", "getaddrinfo",
+    ),
     _socket: ("socket", "socketpair", "fromfd", "getaddrinfo"),
 }}
 
@@ -489,8 +602,8 @@ def _resolve(path, dir_fd):
 
 def _checked(function, count):
     def checked(*args, **kwargs):
-        if count > 1 and (kwargs.get("src_dir_fd") is not None or kwargs.get("dst_dir_fd") is not None):
-            raise PermissionError("renames relative to a folder descriptor are disabled in the sdft sandbox")
+        if count > 1 and {{"src_dir_fd", "dst_dir_fd"}} & set(kwargs):
+            raise PermissionError("renames relative to a dir_fd are disabled in the sdft sandbox")
         for path in args[:count]:
             _check_write(_resolve(path, kwargs.get("dir_fd")))
         return function(*args, **kwargs)
@@ -529,7 +642,8 @@ try:
 except AssertionError:
     traceback.print_exc(); _code = {EXIT_FAILED}
 except SystemExit as exit:
-    print(f"program called exit({{exit.code!r}}) before its end", file=sys.stderr); _code = {EXIT_CALLED_EXIT}
+    print(f"program called exit({{exit.code!r}}) before its end", file=sys.stderr)
+    _code = {EXIT_CALLED_EXIT}
 except BaseException:
     traceback.print_exc(); _code = {EXIT_ERROR}
 sys.stdout.flush(); sys.stderr.flush()
