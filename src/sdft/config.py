@@ -169,6 +169,11 @@ class TrainConfig:
     lora_dropout: float = 0.1
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    """Put records of similar length into the same micro-batch (less padding; changes the record order)."""
+    loss_chunk_tokens: int = 256
+    """Compute the loss on supervised positions only, through the LM head this many tokens at a time,
+    so the full-vocabulary logits are never all in memory; 0 uses TRL's own loss."""
     logging_steps: int = 1
     save_steps: int = 50
     """Checkpoint every N optimizer steps so an interrupted run resumes."""
@@ -188,6 +193,8 @@ class TrainConfig:
             raise ConfigError("train.warmup_ratio: must be in [0, 1)")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError("train.lora_dropout: must be in [0, 1)")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError("train.loss_chunk_tokens: must be >= 0 (0 uses TRL's own loss)")
 
 
 @dataclass
@@ -202,8 +209,12 @@ class JudgeConfig:
     """Environment variable that holds the endpoint's API key (never written to outputs)."""
     max_new_tokens: int = 16
     batch_size: int = 8
+    format: str = "auto"
+    """Safety judges only: generic (answers safe/unsafe), llama_guard, or auto (llama_guard
+    when the model name contains "guard")."""
 
     def __post_init__(self):
+        check_choice("judge.format", self.format, ("auto", "generic", "llama_guard"))
         check_positive("judge.max_new_tokens", self.max_new_tokens)
         check_positive("judge.batch_size", self.batch_size)
 

@@ -18,6 +18,7 @@ import time
 from tqdm.auto import tqdm
 
 from sdft.config import GenerationConfig
+from sdft.distributed import barrier, is_main, shard, world_size
 from sdft.io import ResultCache, stable_hash
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,14 @@ def generate(
 
     tokenizer = loaded.tokenizer
     lengths = {i: len(tokenizer(prompts[i], add_special_tokens=False).input_ids) for i in pending}
-    pending.sort(key=lambda i: -lengths[i])
+    pending.sort(key=lambda i: (-lengths[i], i))
+    # Under a multi-process launch each process takes an interleaved shard.
+    pending = shard(pending)
     batches = [pending[i : i + settings.batch_size] for i in range(0, len(pending), settings.batch_size)]
 
-    progress = tqdm(total=len(prompts), initial=len(results), desc=description, unit="prompt")
+    progress = tqdm(
+        total=len(results) + len(pending), initial=len(results), desc=description, unit="prompt", disable=not is_main()
+    )
     new_tokens, started = 0, time.perf_counter()
     for number, batch in enumerate(batches):
         completions, produced = generate_batch(loaded, [prompts[i] for i in batch], settings, decoding, number)
@@ -88,6 +93,12 @@ def generate(
         progress.update(len(batch))
         progress.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.1f}")
     progress.close()
+    if world_size() > 1:
+        barrier()
+        if cache is None:
+            raise ValueError("generation under a multi-process launch needs a cache to merge shards")
+        cache.refresh()
+        results = {i: cache.get(key) for i, key in enumerate(keys)}
     if batches:
         elapsed = time.perf_counter() - started
         logger.info(

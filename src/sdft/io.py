@@ -15,11 +15,19 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from sdft.distributed import is_main, rank, world_size
+
 logger = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to ``path`` through a temporary file and an atomic rename."""
+    """Write text to ``path`` through a temporary file and an atomic rename.
+
+    Under a multi-process launch only the main process writes, because every
+    process holds the same merged results.
+    """
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,7 +54,9 @@ def atomic_write_jsonl(path: str | os.PathLike, rows) -> None:
 
 
 def atomic_save_figure(figure, path: str | os.PathLike) -> None:
-    """Save a matplotlib figure atomically."""
+    """Save a matplotlib figure atomically (main process only)."""
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
@@ -76,29 +86,51 @@ class ResultCache:
     Each finished item is one line ``{"key": ..., "value": ...}``, flushed and
     fsynced as soon as it is known, so a killed process loses at most the item it
     was writing. A torn last line from a kill is ignored on the next read.
+    Under a multi-process launch each process appends to its own shard file
+    (``NAME.rankN.jsonl``) and ``refresh`` reads every shard.
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.base_path = Path(path)
+        self.path = self.base_path
+        if world_size() > 1:
+            self.path = self.base_path.with_name(f"{self.base_path.stem}.rank{rank()}{self.base_path.suffix}")
         self.entries: dict[str, object] = {}
-        if self.path.exists():
-            self._load()
+        self.refresh()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
 
-    def _load(self) -> None:
+    def shard_paths(self) -> list[Path]:
+        pattern = f"{self.base_path.stem}.rank*{self.base_path.suffix}"
+        return [self.base_path] + sorted(self.base_path.parent.glob(pattern))
+
+    def refresh(self) -> None:
+        """Read every shard file of this cache, own and other processes'."""
+        for path in self.shard_paths():
+            if path.exists():
+                self._load(path)
+
+    def _load(self, path: Path) -> None:
         torn = 0
-        with open(self.path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8") as file:
             for line in file:
                 try:
                     entry = json.loads(line)
                     self.entries[entry["key"]] = entry["value"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     torn += 1
-        if torn:
-            logger.warning("%s: ignored %d incomplete cache line(s)", self.path, torn)
-            # Rewrite without the torn lines so appends start on a clean line.
-            atomic_write_jsonl(self.path, [{"key": k, "value": v} for k, v in self.entries.items()])
+        if torn and path == self.path:
+            logger.warning("%s: ignored %d incomplete cache line(s)", path, torn)
+            # Rewrite without the torn lines so appends start on a clean line. Only
+            # this process's own file is rewritten; other shards are read as they are.
+            own = []
+            with open(path, encoding="utf-8") as file:
+                for line in file:
+                    try:
+                        own.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+            write_lines_atomically(path, own)
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -122,6 +154,16 @@ class ResultCache:
         self.close()
 
 
+def write_lines_atomically(path: Path, rows: list) -> None:
+    """Rewrite one process's own JSON-lines file, on any rank."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
 class FolderLockedError(RuntimeError):
     """Another process is writing into the same output folder."""
 
@@ -134,6 +176,10 @@ def folder_lock(folder: str | os.PathLike):
         FolderLockedError: another live process holds the lock.
     """
     folder = Path(folder)
+    if not is_main():
+        # The launcher's main process holds the lock for the whole group.
+        yield
+        return
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / ".sdft.lock"
     handle = open(lock_path, "a+")

@@ -14,16 +14,16 @@ Each judge runs on one of two backends, chosen by its ``JudgeConfig``:
   ``api_key_env`` (sent only as a header, never logged or written), retries with
   exponential backoff on HTTP 429 and 5xx.
 
-The pairwise judge sees an instruction and two outputs, (a) and (b), and answers
-one letter. Whether the model's output is (a) or (b) is decided per example by a
-hash of the example id, so position bias cancels out over a benchmark; verdicts
-are mapped back to AlpacaEval's encoding (2: the model wins, 1: the reference
-wins, 1.5: a tie, used for answers that cannot be parsed).
+The pairwise judge receives an instruction and two outputs, (a) and (b), and
+replies with one letter. A hash of the example id decides whether the model's
+output is (a) or (b), so position bias cancels out over a benchmark. Verdicts are
+mapped back to AlpacaEval's encoding (2: the model wins, 1: the reference wins,
+1.5: a tie, also used for replies that cannot be parsed).
 
-The safety classifier sees a request and a reply and answers ``safe`` or
+The safety classifier receives a request and a reply and replies ``safe`` or
 ``unsafe``. With ``format="llama_guard"`` the conversation goes through the
-model's own chat template, which holds Llama Guard's policy, and the answer is
-``safe`` or ``unsafe`` followed by a line of category codes (``S1``, ``O3``).
+model's own chat template, which contains Llama Guard's policy. The reply is then
+``safe``, or ``unsafe`` followed by a line of category codes (``S1``, ``O3``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ MODEL_WINS, REFERENCE_WINS, TIE = 2.0, 1.0, 1.5
 
 
 class JudgeError(ModelError):
-    """A judge cannot be reached, or answered in a way that cannot be used."""
+    """A judge model or endpoint failed, or returned a reply that cannot be parsed."""
 
 
 # ---------------------------------------------------------------- prompts
@@ -112,7 +112,7 @@ MARKED_LETTER = re.compile(
 
 
 def parse_choice(text: str) -> str | None:
-    """Read ``a`` or ``b`` from a judge's answer; None when absent or ambiguous.
+    """Read ``a`` or ``b`` from a judge's reply, or None when absent or ambiguous.
 
     Accepts a bare letter with any punctuation or markup ("b", "(a).", "**B**",
     "Answer: a") and otherwise one distinct marked letter in the text
@@ -144,7 +144,7 @@ def parse_safety(text: str, format: str) -> tuple[str | None, list[str]]:
 
 
 def parse_llama_guard(text: str) -> tuple[str | None, list[str]]:
-    """Parse Llama Guard's answer: ``safe``, or ``unsafe`` then a line such as ``S1,S10``."""
+    """Parse Llama Guard's reply: ``safe``, or ``unsafe`` then a line such as ``S1,S10``."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return None, []
@@ -177,10 +177,10 @@ class PairwiseVerdict:
 
     Attributes:
         preference: 2.0 the model's output wins, 1.0 the reference wins, 1.5 a tie
-            (the judge's answer could not be parsed).
+            (the judge's reply could not be parsed).
         model_position: ``a`` or ``b``: where the model's output was shown.
-        answer: The judge's answer as written.
-        parsed: Whether a letter could be read from the answer.
+        answer: The judge's reply as written.
+        parsed: Whether a letter could be read from the reply.
     """
 
     preference: float
@@ -191,7 +191,7 @@ class PairwiseVerdict:
 
 @dataclass
 class SafetyVerdict:
-    """A classified reply: label safe/unsafe (None when unreadable), categories, raw answer."""
+    """A classified reply: safe/unsafe label (None when unreadable), categories, judge reply."""
 
     label: str | None
     categories: list[str] = field(default_factory=list)
@@ -215,7 +215,7 @@ def preference_from(choice: str | None, position: str) -> float:
 
 
 def make_backend(config: JudgeConfig, key: str, cache: ResultCache | None = None):
-    """Build the backend a judge config asks for.
+    """Build the backend that a judge config selects.
 
     Raises:
         ConfigError: neither ``model`` nor ``endpoint`` is set, or an endpoint lacks a model name.
@@ -254,27 +254,36 @@ class LocalBackend:
         return {"backend": "local", "model": self.name}
 
     def render(self, messages: list[dict]) -> str:
-        """Render messages with the chat template, or as plain text when there is none."""
+        """Render messages with the chat template, or as plain text when there is none.
+
+        Templates differ in what they accept. Some reject a system role, and some
+        read each message's content as a list of typed parts, so a plain string
+        renders as nothing. Each layout from ``template_inputs`` is tried until one
+        renders with every message's text in it.
+        """
         tokenizer = self.loaded.tokenizer
         if not self.has_chat_template:
             from sdft.models import bos_text
 
-            return (
-                bos_text(tokenizer) + "\n\n".join(m["content"] for m in messages) + RAW_ANSWER_CUE
-            )
-        try:
-            return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as err:  # jinja raises its own error types for unsupported roles
-            if messages[0]["role"] != "system":
-                raise JudgeError(
-                    f"{self.key}.model {self.name}: chat template failed: {err}; use a "
-                    "model whose chat template takes user and assistant turns"
-                ) from err
-            return tokenizer.apply_chat_template(
-                fold_system(messages), tokenize=False, add_generation_prompt=True
-            )
+            texts = "\n\n".join(m["content"] for m in messages)
+            return bos_text(tokenizer) + texts + RAW_ANSWER_CUE
+        from jinja2.exceptions import TemplateError
+
+        failure = "the rendered prompt lost the message text"
+        for candidate in template_inputs(messages):
+            try:
+                prompt = tokenizer.apply_chat_template(
+                    candidate, tokenize=False, add_generation_prompt=True
+                )
+            except (TemplateError, TypeError, ValueError, KeyError) as err:
+                failure = str(err).splitlines()[0] if str(err) else type(err).__name__
+                continue
+            if all(m["content"].strip() in prompt for m in messages):
+                return prompt
+        raise JudgeError(
+            f"{self.key}.model {self.name}: the chat template failed ({failure}); use a model "
+            "whose chat template takes user and assistant turns with text content"
+        )
 
     def complete(self, conversations: list[list[dict]], description: str = "judge") -> list[str]:
         from sdft.generation import generate
@@ -288,6 +297,20 @@ class LocalBackend:
             cache=self.cache,
             description=description,
         )
+
+
+def template_inputs(messages: list[dict]) -> list[list[dict]]:
+    """List the layouts to try: as given, system folded into the user turn, content as parts."""
+    layouts = [messages]
+    if messages[0]["role"] == "system":
+        layouts.append(fold_system(messages))
+    layouts += [as_content_parts(layout) for layout in list(layouts)]
+    return layouts
+
+
+def as_content_parts(messages: list[dict]) -> list[dict]:
+    """Wrap each message's text as ``[{"type": "text", "text": ...}]``."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
 
 
 def fold_system(messages: list[dict]) -> list[dict]:
@@ -350,7 +373,7 @@ class EndpointBackend:
         return {"backend": "endpoint", "model": self.name, "endpoint": self.shown_url}
 
     def complete(self, conversations: list[list[dict]], description: str = "judge") -> list[str]:
-        """Answer every conversation, reusing cached answers; order is kept."""
+        """Complete every conversation in order, reusing cached replies."""
         keys = [
             stable_hash("chat-completions", self.shown_url, self.name, self.max_tokens, m)
             for m in conversations
@@ -380,7 +403,7 @@ class EndpointBackend:
         return [answers[i] for i in range(len(conversations))]
 
     def request(self, messages: list[dict]) -> str:
-        """Send one chat-completions request and return the answer text."""
+        """Send one chat-completions request and return the reply text."""
         payload = {
             "model": self.name,
             "messages": messages,
@@ -563,12 +586,16 @@ class SafetyClassifier:
 
 
 def resolve_safety_format(format: str, config: JudgeConfig) -> str:
-    """Turn ``auto`` into ``llama_guard`` when the model's name says Guard, else ``generic``."""
+    """Turn ``auto`` into ``llama_guard`` when the model name contains "guard", else ``generic``."""
     if format not in SAFETY_FORMATS:
         raise ConfigError(
             f"safety judge format: invalid value {format!r}; "
             f"valid values: {', '.join(SAFETY_FORMATS)}"
         )
+    if format == "auto":
+        format = config.format
     if format != "auto":
         return format
+    # A guess from the name only; a Llama Guard copy saved under another name needs
+    # eval.safety_judge.format: llama_guard.
     return "llama_guard" if "guard" in (config.model or "").lower() else "generic"

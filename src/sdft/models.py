@@ -136,7 +136,9 @@ def pick_device(device: str) -> str:
     if device != "auto":
         return device
     if torch.cuda.is_available():
-        return "cuda"
+        from sdft.distributed import local_rank, world_size
+
+        return f"cuda:{local_rank()}" if world_size() > 1 else "cuda"
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"

@@ -161,26 +161,34 @@ def run_stages(config: Config, records, model_path: str, output_dir: Path, cache
     from sdft.models import load_model, model_fingerprint
     from sdft.training import ADAPTER_DIR, train
 
+    from sdft.distributed import barrier
+
+    # Every process checks the same files between barriers, so all take the same stages.
     seed = None
+    barrier()
     if not (output_dir / "eval" / "seed" / SCORES_FILE).exists():
         seed = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
         logger.info("stage 1/5: evaluating the seed model")
         evaluate(config, seed, model_fingerprint(seed.path), output_dir / "eval" / "seed", cache, "seed")
 
+    barrier()
     if not (output_dir / "distill" / DISTILLED_FILE).exists():
         seed = seed or load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
         logger.info("stage 2/5: distilling %d records", len(records))
         distill(config, records, seed, output_dir / "distill", cache)
     del seed
 
+    barrier()
     distilled = load_dataset_records(str(output_dir / "distill" / DISTILLED_FILE), format=config.data.format, columns=config.data.columns)
     for label, data in (("vanilla", records), ("sdft", distilled)):
         if not (output_dir / label / ADAPTER_DIR).exists():
             logger.info("stage 3/5: %s fine-tuning on %d records", label, len(data))
             train(config, data, output_dir / label, model_path)
+        barrier()
 
     for label in ("vanilla", "sdft"):
         eval_dir = output_dir / "eval" / label
+        barrier()
         if (eval_dir / SCORES_FILE).exists():
             continue
         weights = str(output_dir / label / ADAPTER_DIR)

@@ -14,6 +14,7 @@ labels. Writes into the output folder:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from sdft.config import Config
@@ -87,12 +89,7 @@ def build_examples(
 
 def train(config: Config, records: list[Record], output_dir: Path, model_path: str) -> Path:
     """Fine-tune the seed model on ``records`` and save the adapter; return its folder."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
-    from sdft.models import load_tokenizer, pick_device, pick_dtype
+    from sdft.models import load_tokenizer
 
     settings = config.train
     tokenizer = load_tokenizer(model_path)
@@ -106,25 +103,9 @@ def train(config: Config, records: list[Record], output_dir: Path, model_path: s
             f"no training records left: all {len(records)} are longer than train.max_length="
             f"{settings.max_length}; raise it or use shorter records"
         )
-    dataset = Dataset.from_dict(
-        {
-            "input_ids": [e.input_ids for e in examples],
-            "completion_mask": [e.completion_mask for e in examples],
-        }
-    )
-
-    device = pick_device(config.model.device)
-    dtype = pick_dtype(config.model.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    peft_config = lora_config(settings) if settings.method == "lora" else None
     checkpoints = output_dir / "checkpoints"
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(settings, checkpoints, device, dtype),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[LogLineCallback(examples, settings)],
+    trainer = build_trainer(
+        config, examples, tokenizer, model_path, checkpoints, [LogLineCallback(examples, settings)]
     )
 
     resume = last_checkpoint(checkpoints)
@@ -134,7 +115,8 @@ def train(config: Config, records: list[Record], output_dir: Path, model_path: s
     result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - started
 
-    save_model(trainer, tokenizer, output_dir / ADAPTER_DIR)
+    if trainer.is_world_process_zero():
+        save_model(trainer, tokenizer, output_dir / ADAPTER_DIR)
     losses = [
         {"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
         for entry in trainer.state.log_history
@@ -158,8 +140,189 @@ def train(config: Config, records: list[Record], output_dir: Path, model_path: s
             tokens_per_second=round(tokens / elapsed, 1) if elapsed and not resume else None,
         ),
     )
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return output_dir / ADAPTER_DIR
+
+
+def build_trainer(config: Config, examples: list[Example], tokenizer, model_path: str, checkpoints: Path,
+                  callbacks: list, **overrides):
+    """Load the model and set up the trainer exactly as ``train`` runs it.
+
+    ``overrides`` replace SFTConfig fields (the throughput benchmark sets ``max_steps``).
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from sdft.models import pick_device, pick_dtype
+
+    settings = config.train
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": [e.input_ids for e in examples],
+            "completion_mask": [e.completion_mask for e in examples],
+        }
+    )
+    device = pick_device(config.model.device)
+    dtype = pick_dtype(config.model.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    peft_config = lora_config(settings) if settings.method == "lora" else None
+    trainer_class = chunked_loss_trainer() if settings.loss_chunk_tokens else sft_trainer()
+    trainer = trainer_class(
+        model=model,
+        args=sft_config(settings, checkpoints, device, dtype, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.loss_chunk_tokens = settings.loss_chunk_tokens
+    return trainer
+
+
+def sft_trainer():
+    from trl import SFTTrainer
+
+    return SFTTrainer
+
+
+@functools.cache
+def chunked_loss_trainer():
+    """Return an SFTTrainer subclass whose training loss is ``supervised_loss``.
+
+    TRL's own loss scores every position, prompt and padding included, and computes
+    entropy and accuracy for its logs on each; this one projects only the supervised
+    positions through the LM head, a chunk at a time, and computes the gradient of
+    each chunk while its logits are at hand, so they are never kept for backward.
+    """
+    from trl import SFTTrainer
+
+    class ChunkedLossSFTTrainer(SFTTrainer):
+        loss_chunk_tokens = 256
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            causal = causal_lm(self.accelerator.unwrap_model(model))
+            if return_outputs or not model.training or "labels" not in inputs or not plain_lm_head(causal):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            backbone_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            backbone_inputs["use_cache"] = False
+            hidden = getattr(causal, causal.base_model_prefix)(**backbone_inputs).last_hidden_state
+            loss, correct, entropy, count = supervised_loss(
+                hidden, causal.get_output_embeddings(), labels, self.loss_chunk_tokens, num_items_in_batch
+            )
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            self.record_metrics(inputs, correct, entropy, count)
+            return loss
+
+        def record_metrics(self, inputs, correct, entropy, count):
+            """Keep TRL's logged fields: token accuracy, entropy and the running token count."""
+            metrics = getattr(self, "_metrics", None)
+            if metrics is None:
+                return
+            gather = self.accelerator.gather_for_metrics
+            total = gather(count).sum()
+            if total > 0:
+                metrics["train"]["mean_token_accuracy"].append((gather(correct).sum() / total).item())
+                metrics["train"]["entropy"].append((gather(entropy).sum() / total).item())
+            if "attention_mask" in inputs:
+                tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            else:
+                tokens = gather(torch.tensor(inputs["input_ids"].numel())).sum().item()
+            self._total_train_tokens = getattr(self, "_total_train_tokens", 0) + tokens
+            metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    return ChunkedLossSFTTrainer
+
+
+def causal_lm(model):
+    """Return the causal LM under a PEFT wrapper (the LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def plain_lm_head(causal) -> bool:
+    """Whether logits are exactly ``lm_head(hidden)``: no scaling, soft-capping or bias."""
+    config = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else causal.config
+    scaled = any(
+        getattr(config, name, None) not in (None, 1.0)
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
+    )
+    head = causal.get_output_embeddings()
+    return not scaled and head is not None and getattr(head, "bias", None) is None
+
+
+def supervised_loss(hidden, lm_head, labels, chunk_tokens: int, num_items_in_batch=None):
+    """Cross-entropy of the next-token labels, over supervised positions only, in chunks.
+
+    Args:
+        hidden: Final hidden states ``[batch, length, width]``.
+        lm_head: The output projection (its weight is ``[vocab, width]``).
+        labels: ``[batch, length]``, -100 where not supervised; shifted here as in TRL.
+        chunk_tokens: Positions projected through the LM head at a time.
+        num_items_in_batch: Denominator over all accumulated micro-batches, as TRL
+            uses it; the count of supervised positions here when None.
+
+    Returns:
+        The loss and, for logging only, the counts of top-1 hits, the entropy sum and
+        the count of supervised positions.
+    """
+    targets = labels[:, 1:]
+    mask = targets != -100
+    selected = hidden[:, :-1][mask]
+    total, correct, entropy = SupervisedCrossEntropy.apply(selected, lm_head.weight, targets[mask], chunk_tokens)
+    count = mask.sum()
+    denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return total / denominator, correct, entropy, count
+
+
+class SupervisedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
+
+    The forward pass computes each chunk's logits once and turns them straight into
+    the gradients (softmax minus one-hot); only those, of the size of ``hidden`` (and
+    of ``weight`` when it is trained), are kept for the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            piece, target = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+            logits = (piece @ weight.t()).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(-1, target[:, None]).squeeze(-1)
+            total += (log_norm - target_logit).sum()
+            correct += (logits.argmax(-1) == target).sum()
+            log_probs = logits.sub_(log_norm[:, None])  # in place: the raw logits are not needed again
+            probs = log_probs.exp()
+            entropy -= torch.linalg.vecdot(probs, log_probs).sum()
+            del logits, log_probs
+            probs[torch.arange(len(target), device=probs.device), target] -= 1.0  # now d(loss)/d(logits)
+            if need_hidden:
+                grad_hidden[start : start + chunk_tokens] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += probs.t() @ piece.float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(correct, entropy)
+        return total, correct, entropy
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def lora_config(settings):

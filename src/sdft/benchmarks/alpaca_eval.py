@@ -3,12 +3,14 @@
     sdft eval configs/quickstart.yaml --suite alpaca_eval --limit 20 \\
         --set eval.judge.model=embedded --output-dir runs/x/eval/seed
 
-The model answers the 805 AlpacaEval instructions (named dataset ``alpaca_eval``,
-alpaca template). ``alpaca_eval_outputs.json`` gets the outputs in the format the
-``alpaca_eval`` tool reads, so they can be scored there with its own judges.
+The model generates outputs for the 805 AlpacaEval instructions (named dataset
+``alpaca_eval``, alpaca template). ``alpaca_eval_outputs.json`` gets the outputs
+in the format the ``alpaca_eval`` tool reads, so they can be scored there with
+its own judges.
 When ``eval.judge`` is set, a pairwise judge (``sdft.judges``) compares each
 output with the reference output for the same instruction: AlpacaEval 1.0
-(text-davinci-003, the paper's baseline) or 2.0 (gpt4_1106_preview), chosen by
+(text-davinci-003, the baseline of the SDFT paper, Yang et al., ACL 2024) or 2.0
+(gpt4_1106_preview), chosen by
 ``eval.alpaca_eval_reference``. The win rate follows AlpacaEval's arithmetic:
 a win counts 1, a loss 0, a tie (or an unreadable verdict) 0.5.
 """
@@ -29,7 +31,8 @@ from sdft.prompts import get_template
 NAME = "alpaca_eval"
 OUTPUTS_FILE = "alpaca_eval_outputs.json"
 NO_JUDGE_NOTE = "no judge configured; score alpaca_eval_outputs.json with the alpaca_eval tool"
-# Reference files that give AlpacaEval's `dataset` label (helpful_base, koala, ...) each.
+# Reference files that give the AlpacaEval `dataset` label (helpful_base, koala, ...)
+# of each instruction.
 LABEL_FILES = (
     "alpaca_eval/gpt4_1106_preview_model_outputs.json",
     "alpaca_eval/llama-2-7b-chat-hf_model_outputs.json",
@@ -57,10 +60,10 @@ REFERENCE_SETS = {
 def win_rate(preferences) -> dict:
     """Compute AlpacaEval's win rate from preferences.
 
-    Preference 2 means the model's output won (scores 1), 1 that the reference
-    won (scores 0), 1.5 or 0 a tie (scores 0.5); values between 1 and 2 (weighted
-    judges) score ``preference - 1``. None and NaN mean "not judged" and are
-    dropped, as AlpacaEval drops them.
+    Preference 2 means the model's output won, which scores 1. Preference 1 means
+    the reference won, which scores 0. Preference 1.5 or 0 is a tie and scores 0.5.
+    Weighted judges give values between 1 and 2, which score ``preference - 1``.
+    None and NaN mean "not judged" and are dropped, as AlpacaEval drops them.
 
     Returns:
         win_rate and standard_error (of the mean, sample standard deviation) as
@@ -166,7 +169,7 @@ def decoding(context) -> dict:
 
 
 def original_instruction(record: Record) -> str:
-    """The instruction exactly as in the file, so the alpaca_eval tool can match it."""
+    """Return the instruction exactly as in the file, so the alpaca_eval tool can match it."""
     if record.source and isinstance(record.source.get("instruction"), str):
         return record.source["instruction"]
     return record.instruction
