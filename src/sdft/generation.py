@@ -12,6 +12,7 @@ on how prompts are batched.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -156,14 +157,16 @@ def greedy_compacting(model, inputs: dict, max_new_tokens: int, end_ids: list[in
     cache = DynamicCache(config=model.config)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     step_input = input_ids
+    # transformers 5.25 renamed ``past_key_values`` to ``cache``; older releases take the former.
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         for step in range(max_new_tokens):
             logits = model(
                 input_ids=step_input,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_argument: cache},
             ).logits[:, -1]
             tokens = logits.argmax(-1)
             for row, token in zip(rows.tolist(), tokens.tolist()):

@@ -15,7 +15,8 @@ def default_config_dir() -> Path:
 def find_recipes(directory: str | None = None) -> list[tuple[str, str]]:
     """List (path relative to the folder, first comment line) for every runnable config.
 
-    Files whose name starts with ``_`` hold shared settings and are not listed.
+    Files whose name starts with ``_`` hold shared settings and are not listed, and
+    ``accelerate/`` holds launcher configs, not sdft configs.
 
     Raises:
         ConfigError: the folder does not exist.
@@ -26,7 +27,7 @@ def find_recipes(directory: str | None = None) -> list[tuple[str, str]]:
         raise ConfigError(f"{root}: configs folder not found; pass --dir with the path of sdft's configs/")
     recipes = []
     for path in sorted(root.rglob("*.yaml")):
-        if path.name.startswith("_"):
+        if path.name.startswith("_") or "accelerate" in path.relative_to(root).parts:
             continue
         recipes.append((str(path.relative_to(root)), summary_line(path)))
     return recipes
