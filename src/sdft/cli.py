@@ -147,14 +147,18 @@ def distill_command(args) -> int:
     from sdft.distill import distill
     from sdft.io import ResultCache, folder_lock
     from sdft.models import load_model
-    from sdft.pipeline import load_training_records
+    from sdft.pipeline import claim_output, load_training_records, output_identity
 
     config = resolve_config(args, **{"data.train": args.dataset})
     records = load_training_records(config)
-    loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
     output_dir = Path(args.output_dir)
-    with folder_lock(output_dir), ResultCache(output_dir / "cache" / "generations.jsonl") as cache:
-        result = distill(config, records, loaded, output_dir, cache)
+    identity = output_identity("distill", config, records)
+    claim_output(output_dir, identity, write=False)  # fail before the model loads
+    loaded = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
+    with folder_lock(output_dir):
+        claim_output(output_dir, identity)
+        with ResultCache(output_dir / "cache" / "generations.jsonl") as cache:
+            result = distill(config, records, loaded, output_dir, cache)
     stats = result.stats
     print(
         f"accepted {stats['accepted']} of {stats['turns']} rewrites in {stats['records']} records "
@@ -167,14 +171,17 @@ def distill_command(args) -> int:
 def train_command(args) -> int:
     from sdft.io import folder_lock
     from sdft.models import resolve_model_path
-    from sdft.pipeline import load_training_records
+    from sdft.pipeline import claim_output, load_training_records, output_identity
     from sdft.training import train
 
     config = resolve_config(args, **{"data.train": args.dataset})
     records = load_training_records(config)
     model_path = resolve_model_path(config.model.name)
     output_dir = Path(args.output_dir)
+    identity = output_identity("train", config, records)
+    claim_output(output_dir, identity, write=False)
     with folder_lock(output_dir):
+        claim_output(output_dir, identity)
         adapter = train(config, records, output_dir, model_path)
     print(f"adapter: {adapter}")
     return 0
@@ -189,10 +196,16 @@ def eval_command(args) -> int:
 
     benchmarks = f"[{','.join(expand_suite(args.suite))}]" if args.suite else None
     rerun = "true" if args.rerun else None
+    from sdft.pipeline import check_benchmark_data, claim_output, output_identity
+
     config = resolve_config(args, **{"eval.benchmarks": benchmarks, "eval.limit": args.limit, "eval.rerun": rerun})
     output_dir = Path(args.output_dir)
+    check_benchmark_data(config)
+    identity = output_identity("eval", config, adapter=args.adapter)
+    claim_output(output_dir, identity, write=False)
     loaded = load_model(config.model.name, adapter=args.adapter, device=config.model.device, dtype=config.model.dtype)
     with folder_lock(output_dir), ResultCache(output_dir / "cache" / "generations.jsonl") as cache:
+        claim_output(output_dir, identity)
         label = "adapter" if args.adapter else "model"
         key = model_fingerprint(loaded.path, args.adapter)
         scores = evaluate(config, loaded, key, output_dir, cache, label, adapter=args.adapter)

@@ -261,6 +261,12 @@ class EvalConfig:
                 check_choice(f"eval.{mapping}", name, BENCHMARKS)
                 check_positive(f"eval.{mapping}.{name}", value)
         check_positive("eval.limit", self.limit)
+        if "advbench_judge" in self.benchmarks and not self.safety_judge.configured:
+            raise ConfigError(
+                "eval.safety_judge: not set, but eval.benchmarks includes advbench_judge; set "
+                "eval.safety_judge.model (a local model such as a Llama Guard checkpoint) or "
+                "eval.safety_judge.endpoint, or drop advbench_judge"
+            )
         check_positive("eval.harness_batch_size", self.harness_batch_size)
         check_choice("eval.alpaca_eval_reference", self.alpaca_eval_reference, ("1.0", "2.0"))
 
@@ -310,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     data = {}
     if path is not None:
-        data = read_with_base(Path(path), seen=())
+        data = read_with_base(Path(path), seen=(Path(path).resolve(),))
     for override in overrides or []:
         apply_override(data, override)
     return build(Config, data, "")
@@ -326,7 +332,10 @@ def read_with_base(path: Path, seen: tuple) -> dict:
         raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
     base_path = (path.parent / base).resolve()
     if base_path in seen:
-        raise ConfigError(f"{path}: base: {base} includes itself")
+        chain = " -> ".join(p.name for p in seen + (base_path,))
+        raise ConfigError(
+            f"{path}: base: {base} includes itself (cycle: {chain}); remove one of the base: lines"
+        )
     return deep_merge(read_with_base(base_path, seen + (base_path,)), data)
 
 
@@ -366,13 +375,17 @@ def apply_override(data: dict, override: str) -> None:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override!r}: invalid value: {err}") from err
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"--set {override!r}: invalid value ({problem}); write the value in YAML, "
+            "e.g. train.lora_targets=[q_proj,v_proj]"
+        ) from err
     node = data
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], start=1):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {override!r}: {part} is not a section")
+            raise ConfigError(f"--set {override!r}: {'.'.join(parts[:depth])} is not a section")
     node[parts[-1]] = value
 
 
@@ -393,10 +406,18 @@ def build(cls, data, prefix: str):
         kwargs[key] = convert(hints[key], value, name)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as err:
+        raise ConfigError(qualify(str(err), prefix)) from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def qualify(message: str, prefix: str) -> str:
+    """Give a nested section's message its full key: generation.x becomes distill.generation.x."""
+    head, dot, rest = message.partition(".")
+    if not prefix or message.startswith(prefix) or not dot or " " in head or ":" in head:
+        return message
+    return prefix + rest
 
 
 def convert(hint, value, name: str):

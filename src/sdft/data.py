@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +267,7 @@ def read_rows(path: Path) -> list[dict]:
             f"{path}: not valid UTF-8 at byte {err.start}; re-save the file as UTF-8"
         ) from err
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        return read_csv_rows(path, text)
     if suffix == ".jsonl":
         return read_json_lines(path, text)
     try:
@@ -279,6 +281,29 @@ def read_rows(path: Path) -> list[dict]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return data
+
+
+def read_csv_rows(path: Path, text: str) -> list[dict]:
+    """Read CSV rows; a row with more values than the header has columns is an error.
+
+    The text is read with ``newline=""`` so quoted values keep their line breaks.
+    """
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(
+            f"{path}: the header names column {repeated[0]!r} twice; give every column its own name"
+        )
+    rows = []
+    for number, row in enumerate(reader, start=1):
+        if None in row:
+            raise DataError(
+                f"{path}: row {number} (line {reader.line_num}): {len(header) + len(row[None])} values "
+                f"but the header has {len(header)} columns; quote values that contain commas"
+            )
+        rows.append(row)
+    return rows
 
 
 def read_json_lines(path: Path, text: str) -> list[dict]:
@@ -319,7 +344,7 @@ def parse_rows(
         where = f"{name}: row {number}"
         try:
             if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object with named fields, got {type(row).__name__}")
+                raise DataError(f"{where}: {not_an_object(row)}")
             record = parse_row(row, where, format, columns, require_response, default_id=str(number - 1))
         except DataError as err:
             if invalid != "skip":
@@ -338,9 +363,13 @@ def parse_rows(
     return records
 
 
+def not_an_object(row) -> str:
+    return f"expected an object with named fields, got {type(row).__name__}"
+
+
 def guess_format(row, name: str, columns: dict[str, str]) -> str:
     if not isinstance(row, dict):
-        raise DataError(f"{name}: row 1: expected an object with named fields")
+        raise DataError(f"{name}: row 1: {not_an_object(row)}")
     keys = set(row) | {columns.get(k) for k in ("instruction", "messages")}
     if "messages" in keys or columns.get("messages"):
         return "messages"
@@ -360,7 +389,7 @@ def guess_format(row, name: str, columns: dict[str, str]) -> str:
 
 
 def parse_row(row, where, format, columns, require_response, default_id) -> Record:
-    record_id = str(row[columns.get("id", "id")]) if columns.get("id", "id") in row else default_id
+    record_id = parse_id(row, where, columns.get("id", "id"), default_id)
     if format == "messages":
         return parse_messages(row, where, columns, require_response, record_id)
     if format not in FIELD_ALIASES:
@@ -368,7 +397,10 @@ def parse_row(row, where, format, columns, require_response, default_id) -> Reco
     instruction_keys, input_keys, response_keys = FIELD_ALIASES[format]
     instruction = pick(row, where, "instruction", columns, instruction_keys, required=True)
     input_text = pick(row, where, "input", columns, input_keys, required=False)
-    response = pick(row, where, "response", columns, response_keys, required=require_response)
+    response = pick(
+        row, where, "response", columns, response_keys, required=require_response,
+        allow_list=format == "multiarith",
+    )
     if format == "multiarith" and isinstance(response, list):
         answer = response[0]
         if isinstance(answer, float) and answer.is_integer():
@@ -379,11 +411,34 @@ def parse_row(row, where, format, columns, require_response, default_id) -> Reco
     return Record(record_id, instruction, response, input_text, history, row, response_field)
 
 
-def pick(row, where, field_name, columns, aliases, required) -> str:
-    """Read one text field, stripped; a missing or empty required field is an error."""
+def parse_id(row, where, key, default_id) -> str:
+    """Read the record id: text or a whole number; without the field, the row number."""
+    if key not in row:
+        return default_id
+    value = row[key]
+    if is_missing(value) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: field {key!r}: empty; fill it or drop the id column")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(
+            f"{where}: field {key!r}: expected text or a number, got {type(value).__name__}; "
+            "fix it or drop the id column"
+        )
+    return str(value)
+
+
+def is_missing(value) -> bool:
+    """None, and the NaN that pandas puts in empty numeric cells."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def pick(row, where, field_name, columns, aliases, required, allow_list=False) -> str:
+    """Read one text field, stripped; a missing or empty required field is an error.
+
+    ``allow_list`` accepts a list (MultiArith's solutions), returned as it is.
+    """
     keys = (columns[field_name],) if field_name in columns else aliases
     key = next((k for k in keys if k in row), None)
-    if key is None or row[key] is None:
+    if key is None or is_missing(row[key]):
         if required:
             wanted = " or ".join(repr(k) for k in keys)
             raise DataError(
@@ -394,7 +449,9 @@ def pick(row, where, field_name, columns, aliases, required) -> str:
     value = row[key]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
-    if isinstance(value, list) and field_name == "response":
+    if isinstance(value, list) and allow_list:
+        if required and not value:
+            raise DataError(f"{where}: field {key!r}: empty; fill it or remove the row")
         return value  # MultiArith solutions; converted by the caller.
     if not isinstance(value, str):
         raise DataError(f"{where}: field {key!r}: expected text, got {type(value).__name__}")
@@ -421,7 +478,13 @@ def parse_history(row, where, columns) -> list[tuple[str, str]]:
             raise DataError(
                 f"{where}: field {key!r}[{index}]: expected a [user, assistant] pair of strings"
             )
-        turns.append((turn[0].strip(), turn[1].strip()))
+        user, assistant = turn[0].strip(), turn[1].strip()
+        if not user or not assistant:
+            raise DataError(
+                f"{where}: field {key!r}[{index}]: empty {'user' if not user else 'assistant'} text; "
+                "fill it or remove the turn"
+            )
+        turns.append((user, assistant))
     return turns
 
 
@@ -438,9 +501,18 @@ def parse_messages(row, where, columns, require_response, record_id) -> Record:
                 f"{where}: field {key!r}[{index}]: expected an object with 'role' and text 'content'"
             )
         role, content = message.get("role"), message["content"].strip()
+        if role in ("user", "assistant") and not content and index < len(messages) - 1:
+            raise DataError(
+                f"{where}: field {key!r}[{index}].content: empty {role} turn; fill it or remove the message"
+            )
         if role == "system":
             system = content
         elif role == "user":
+            if user is not None:
+                raise DataError(
+                    f"{where}: field {key!r}[{index}]: user turn follows another user turn; merge "
+                    "them or put the assistant reply between them"
+                )
             user = content
         elif role == "assistant":
             if user is None:

@@ -111,25 +111,27 @@ class ResultCache:
                 self._load(path)
 
     def _load(self, path: Path) -> None:
-        torn = 0
-        with open(path, encoding="utf-8") as file:
-            for line in file:
-                try:
-                    entry = json.loads(line)
-                    self.entries[entry["key"]] = entry["value"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    torn += 1
-        if torn and path == self.path:
+        data = path.read_bytes()
+        own, torn = [], 0
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                # Bytes, so a line cut inside a UTF-8 character is one more torn line.
+                entry = json.loads(line)
+                self.entries[entry["key"]] = entry["value"]
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            own.append(entry)
+        if path != self.path:
+            return
+        if torn:
             logger.warning("%s: ignored %d incomplete cache line(s)", path, torn)
-            # Rewrite without the torn lines so appends start on a clean line. Only
-            # this process's own file is rewritten; other shards are read as they are.
-            own = []
-            with open(path, encoding="utf-8") as file:
-                for line in file:
-                    try:
-                        own.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue
+        if torn or (data and not data.endswith(b"\n")):
+            # Rewrite without the torn lines, ending in a newline, so appends start on a
+            # clean line. Only this process's own file is rewritten; other shards are
+            # read as they are.
             write_lines_atomically(path, own)
 
     def __contains__(self, key: str) -> bool:

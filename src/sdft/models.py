@@ -207,8 +207,16 @@ def load_model(
     return LoadedModel(model, tokenizer, path, device, dtype)
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def attach_adapter(model, adapter: str, base_path: str, merge: bool):
-    """Load a PEFT adapter onto ``model`` after checking it was made for this base."""
+    """Load a PEFT adapter onto ``model`` after checking it was made for this base.
+
+    Raises:
+        ModelError: the adapter folder is incomplete, or its modules, shapes or
+            weight names do not fit the base model (one line naming both).
+    """
     from peft import PeftConfig, PeftModel
 
     adapter_path = Path(adapter).expanduser()
@@ -217,16 +225,64 @@ def attach_adapter(model, adapter: str, base_path: str, merge: bool):
             f"{adapter}: adapter not found (no adapter_config.json); pass the folder written "
             "by 'sdft train'"
         )
-    config = PeftConfig.from_pretrained(str(adapter_path))
-    expected = getattr(model.config, "model_type", None)
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_path))
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise ModelError(
+            f"{adapter}: cannot read adapter_config.json ({type(err).__name__}: {first_line(err)}); "
+            "pass the folder written by 'sdft train'"
+        ) from err
+    weights = next((adapter_path / name for name in ADAPTER_WEIGHTS if (adapter_path / name).is_file()), None)
+    if weights is None:
+        raise ModelError(
+            f"{adapter}: adapter weights missing (no {ADAPTER_WEIGHTS[0]}); pass a complete "
+            "adapter folder written by 'sdft train'"
+        )
+    trained_on = config.base_model_name_or_path or "an unrecorded base model"
+    mismatch = f"{adapter}: adapter does not fit the base model {base_path} (it was trained on {trained_on})"
+    advice = "pass the model it was trained on with --model, or retrain the adapter on this one"
     try:
         model = PeftModel.from_pretrained(model, str(adapter_path))
     except (RuntimeError, ValueError, KeyError) as err:
+        raise ModelError(f"{mismatch}: {mismatch_reason(err)}; {advice}") from err
+    missing = missing_adapter_weights(model, weights)
+    if missing:
         raise ModelError(
-            f"{adapter}: adapter does not match base model {base_path} ({expected}); it was "
-            f"trained on {config.base_model_name_or_path}: {str(err).splitlines()[0]}"
-        ) from err
+            f"{mismatch}: {len(missing)} adapter weight(s) this model needs are not in "
+            f"{weights.name}, e.g. {missing[0]}; {advice}"
+        )
+    if trained_on != base_path:
+        logger.warning("%s: adapter trained on %s, loaded onto %s", adapter, trained_on, base_path)
     return model.merge_and_unload() if merge else model
+
+
+def first_line(err: BaseException) -> str:
+    line = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return line.rstrip(".")
+
+
+def mismatch_reason(err: BaseException) -> str:
+    """Pick the informative line of a PEFT loading error: the first size mismatch, else the first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line.rstrip(".") for line in lines if line.startswith("size mismatch")), first_line(err))
+
+
+def missing_adapter_weights(model, weights: Path) -> list[str]:
+    """Names of adapter weights the model expects that the weights file lacks (safetensors only).
+
+    PEFT only warns about them, and an adapter whose weights all fail to load
+    would silently evaluate the base model.
+    """
+    if weights.suffix != ".safetensors":
+        return []
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as file:
+        saved = set(file.keys())
+    # save_embedding_layers=False: the "auto" default looks up the base model's config on the Hub.
+    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return sorted(name for name in expected if name not in saved)
 
 
 def model_fingerprint(path: str, adapter: str | None = None) -> str:

@@ -20,7 +20,8 @@ fall back to the Hub version of the task.
 Data files (relative to ``data.data_dir`` or ``$SDFT_DATA_DIR``):
 
 * ARC: ``arc/arc_{easy,challenge}_test.jsonl`` (test split, as lm-eval scores it).
-* HellaSwag: ``hellaswag/validation.jsonl``; Winogrande: ``winogrande/winogrande_xl_validation.jsonl``.
+* HellaSwag: ``hellaswag/validation.jsonl``.
+* Winogrande: ``winogrande/winogrande_xl_validation.jsonl``.
 * TruthfulQA MC1/MC2: ``truthfulqa/mc_task.json``, converted to the Hub's
   ``{choices, labels}`` layout in the cache folder.
 * MMLU: ``mmlu/test.jsonl``, split by subject into the cache folder, because
@@ -61,7 +62,7 @@ class HarnessError(DataError):
 
 @dataclass(frozen=True)
 class HarnessTask:
-    """How one benchmark maps onto an lm-eval task and a local data file."""
+    """Mapping of one benchmark onto an lm-eval task and a local data file."""
 
     task: str
     """lm-eval task or group name, kept from the built-in config."""
@@ -80,13 +81,19 @@ class HarnessTask:
 ARC_TEST_FIELDS = {"doc_to_choice": "choices", "doc_to_target": "gold"}
 
 TASKS: dict[str, HarnessTask] = {
-    "arc_easy": HarnessTask("arc_easy", "arc/arc_easy.yaml", "arc/arc_easy_test.jsonl", "test", ARC_TEST_FIELDS),
-    "arc_challenge": HarnessTask(
-        "arc_challenge", "arc/arc_challenge.yaml", "arc/arc_challenge_test.jsonl", "test", ARC_TEST_FIELDS
+    "arc_easy": HarnessTask(
+        "arc_easy", "arc/arc_easy.yaml", "arc/arc_easy_test.jsonl", "test", ARC_TEST_FIELDS
     ),
-    "hellaswag": HarnessTask("hellaswag", "hellaswag/hellaswag.yaml", "hellaswag/validation.jsonl", "validation"),
+    "arc_challenge": HarnessTask(
+        "arc_challenge", "arc/arc_challenge.yaml", "arc/arc_challenge_test.jsonl", "test",
+        ARC_TEST_FIELDS,
+    ),
+    "hellaswag": HarnessTask(
+        "hellaswag", "hellaswag/hellaswag.yaml", "hellaswag/validation.jsonl", "validation"
+    ),
     "winogrande": HarnessTask(
-        "winogrande", "winogrande/default.yaml", "winogrande/winogrande_xl_validation.jsonl", "validation"
+        "winogrande", "winogrande/default.yaml", "winogrande/winogrande_xl_validation.jsonl",
+        "validation",
     ),
     "truthfulqa_mc1": HarnessTask(
         "truthfulqa_mc1", "truthfulqa/truthfulqa_mc1.yaml", "truthfulqa/mc_task.json", "validation"
@@ -184,7 +191,8 @@ def prepare_tasks(name: str, data_dir: str | os.PathLike | None) -> TaskFolder:
     """
     spec = TASKS[name]
     directory = require_data_dir(name, spec, data_dir)
-    source = require_data_file(name, spec, directory)
+    # Absolute paths, so the cached YAMLs do not depend on the working directory.
+    source = require_data_file(name, spec, directory).resolve()
     builtin = builtin_path(spec)
     root = cache_root(directory)
     if name == "mmlu":
@@ -194,7 +202,8 @@ def prepare_tasks(name: str, data_dir: str | os.PathLike | None) -> TaskFolder:
             source = convert_truthfulqa_file(source, root / "data" / TRUTHFULQA_CONVERTED)
         configs = {f"{spec.task}.yaml": task_config(spec, builtin, source)}
     folder = root / "tasks" / name
-    sync_folder(folder, {file: yaml.safe_dump(config, sort_keys=False) for file, config in configs.items()})
+    texts = {file: yaml.safe_dump(config, sort_keys=False) for file, config in configs.items()}
+    sync_folder(folder, texts)
     names = tuple(config.get("task") or config["group"] for config in configs.values())
     return TaskFolder(folder, names)
 
@@ -203,8 +212,8 @@ def require_data_dir(name: str, spec: HarnessTask, data_dir) -> Path:
     directory = resolve_data_dir(data_dir)
     if directory is None:
         raise DataError(
-            f"benchmark {name!r} reads {spec.data_file} from a local data directory, but none is set; "
-            "set data.data_dir or SDFT_DATA_DIR to the folder that contains it"
+            f"benchmark {name!r} reads {spec.data_file} from a local data directory, but none "
+            "is set; set data.data_dir or SDFT_DATA_DIR to the folder that contains it"
         )
     return directory
 
@@ -213,8 +222,9 @@ def require_data_file(name: str, spec: HarnessTask, directory: Path) -> Path:
     path = directory / spec.data_file
     if not path.is_file():
         raise DataError(
-            f"{path}: data file for benchmark {name!r} not found; put {spec.data_file} under the data "
-            f"directory {directory} or point data.data_dir (or SDFT_DATA_DIR) at a folder that has it"
+            f"{path}: data file for benchmark {name!r} not found; put {spec.data_file} under "
+            f"the data directory {directory} or point data.data_dir (or SDFT_DATA_DIR) at a "
+            "folder that has it"
         )
     return path
 
@@ -224,7 +234,8 @@ def builtin_tasks_dir() -> Path:
         import lm_eval.tasks
     except ImportError as err:
         raise HarnessError(
-            f"general benchmarks need lm-evaluation-harness; install it with pip install '{LM_EVAL_REQUIREMENT}'"
+            "general benchmarks need lm-evaluation-harness; install it with "
+            f"pip install '{LM_EVAL_REQUIREMENT}'"
         ) from err
     return Path(lm_eval.tasks.__file__).parent
 
@@ -234,7 +245,8 @@ def builtin_path(spec: HarnessTask) -> Path:
     if not path.exists():
         raise HarnessError(
             f"{path}: lm-eval's built-in config for task {spec.task!r} not found; this installed "
-            f"lm-eval lays out its tasks differently, so install '{LM_EVAL_REQUIREMENT}' (tested with 0.4.13)"
+            f"lm-eval lays out its tasks differently, so install '{LM_EVAL_REQUIREMENT}' "
+            "(tested with 0.4.13)"
         )
     return path
 
@@ -262,7 +274,8 @@ def local_dataset(source: Path, split: str) -> dict:
     The other splits are set to null because zero-shot runs would otherwise
     look for a ``train`` split and fail with ``KeyError: 'train'``.
     """
-    splits = {"training_split": None, "validation_split": None, "test_split": None, "fewshot_split": None}
+    keys = ("training_split", "validation_split", "test_split", "fewshot_split")
+    splits = dict.fromkeys(keys)
     splits[f"{split}_split"] = split
     return {
         "dataset_path": "json",
@@ -276,7 +289,7 @@ def sync_folder(folder: Path, files: dict[str, str]) -> None:
     """Make ``folder`` contain exactly these YAML files, rewriting only changed ones.
 
     Unchanged files keep their modification time, so the ``datasets`` cache
-    built from them stays valid; stale YAMLs are removed because lm-eval
+    built from them stays valid. Other YAMLs are deleted because lm-eval
     indexes every YAML in the folder.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -311,26 +324,36 @@ def convert_truthfulqa(records: list[dict], source: str = "mc_task.json") -> lis
     Raises:
         DataError: a record lacks a field or its MC1 targets break that rule.
     """
-    return [convert_truthfulqa_record(record, index, source) for index, record in enumerate(records)]
+    return [
+        convert_truthfulqa_record(record, index, source) for index, record in enumerate(records)
+    ]
 
 
 def convert_truthfulqa_record(record: dict, index: int, source: str) -> dict:
     where = f"{source}: record {index}"
     if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-        raise DataError(f"{where}: missing text field 'question'; expected TruthfulQA's mc_task.json layout")
+        raise DataError(
+            f"{where}: missing text field 'question'; expected TruthfulQA's mc_task.json layout"
+        )
     converted = {"question": record["question"]}
     for key in ("mc1_targets", "mc2_targets"):
         targets = record.get(key)
         if not isinstance(targets, dict) or not targets:
-            raise DataError(f"{where}: field {key!r} must map answer texts to 0 or 1, got {targets!r}")
-        labels = [int(label) for label in targets.values()]
-        if not set(labels) <= {0, 1} or 1 not in labels:
-            raise DataError(f"{where}: field {key!r} must have labels 0 or 1 with at least one 1, got {labels}")
+            raise DataError(
+                f"{where}: field {key!r} must map answer texts to 0 or 1, got {targets!r}"
+            )
+        labels = list(targets.values())
+        if any(label not in (0, 1) for label in labels) or 1 not in labels:
+            raise DataError(
+                f"{where}: field {key!r} must have labels 0 or 1 with at least one 1, got {labels}"
+            )
+        labels = [int(label) for label in labels]
         converted[key] = {"choices": list(targets), "labels": labels}
     mc1_labels = converted["mc1_targets"]["labels"]
     if mc1_labels[0] != 1 or sum(mc1_labels) != 1:
         raise DataError(
-            f"{where}: 'mc1_targets' must list exactly one true answer and list it first, got labels {mc1_labels}"
+            f"{where}: 'mc1_targets' must list exactly one true answer and list it first, "
+            f"got labels {mc1_labels}"
         )
     return converted
 
@@ -339,9 +362,13 @@ def convert_truthfulqa_file(source: Path, target: Path) -> Path:
     try:
         records = json.loads(source.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{source}: invalid JSON ({err}); expected TruthfulQA's mc_task.json") from err
+        raise DataError(
+            f"{source}: invalid JSON ({err}); expected TruthfulQA's mc_task.json"
+        ) from err
     if not isinstance(records, list):
-        raise DataError(f"{source}: expected a JSON list of questions, got {type(records).__name__}")
+        raise DataError(
+            f"{source}: expected a JSON list of questions, got {type(records).__name__}"
+        )
     write_if_changed(target, jsonl_text(convert_truthfulqa(records, str(source))))
     return target
 
@@ -363,7 +390,9 @@ def split_mmlu(source: Path, target_dir: Path, builtin: Path) -> dict[str, Path]
     by_subject: dict[str, list[dict]] = defaultdict(list)
     for number, row in enumerate(read_jsonl(source), start=1):
         if not isinstance(row.get("subject"), str):
-            raise DataError(f"{source}: line {number}: missing text field 'subject'; expected MMLU's layout")
+            raise DataError(
+                f"{source}: line {number}: missing text field 'subject'; expected MMLU's layout"
+            )
         by_subject[row["subject"]].append(row)
     files = {}
     for subject in mmlu_subjects(builtin):
@@ -390,7 +419,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def mmlu_configs(spec: HarnessTask, builtin: Path, subject_files: dict[str, Path]) -> dict[str, dict]:
+def mmlu_configs(
+    spec: HarnessTask, builtin: Path, subject_files: dict[str, Path]
+) -> dict[str, dict]:
     """Re-declare every MMLU subject task and the groups that average them."""
     configs = {}
     for subject, path in subject_files.items():
@@ -414,10 +445,16 @@ def evaluate_task(context, folder: TaskFolder, task: str, limit: int | None) -> 
     from sdft.models import pick_device, pick_dtype
 
     device = pick_device(context.config.model.device)
-    model_args = {"pretrained": str(context.model_path), "dtype": pick_dtype(context.config.model.dtype, device)}
+    model_args = {
+        "pretrained": str(context.model_path),
+        "dtype": pick_dtype(context.config.model.dtype, device),
+    }
     if context.adapter:
         model_args["peft"] = str(context.adapter)
-    logger.info("lm-eval %s: model %s, adapter %s, limit %s", task, context.model_path, context.adapter, limit)
+    logger.info(
+        "lm-eval %s: model %s, adapter %s, limit %s",
+        task, context.model_path, context.adapter, limit,
+    )
     with hub_offline():
         import lm_eval
 
@@ -450,9 +487,10 @@ def load_task_manager(folder: TaskFolder):
     missing = [name for name in folder.names if name not in task_manager.all_tasks]
     if missing:
         raise HarnessError(
-            f"{folder.path}: lm-eval did not load task(s) {', '.join(missing)} from the generated YAMLs; "
-            "the installed lm-eval rejects them (set logging for 'lm_eval' to DEBUG to see why) "
-            f"or lays out its built-in tasks differently; install '{LM_EVAL_REQUIREMENT}' (tested with 0.4.13)"
+            f"{folder.path}: lm-eval did not load task(s) {', '.join(missing)} from the "
+            "generated YAMLs; the installed lm-eval rejects them (set logging for 'lm_eval' "
+            "to DEBUG to see why) or lays out its built-in tasks differently; install "
+            f"'{LM_EVAL_REQUIREMENT}' (tested with 0.4.13)"
         )
     return task_manager
 
@@ -498,7 +536,9 @@ def hub_offline():
 
 def sample_rows(samples: dict[str, list[dict]]) -> list[dict]:
     """Flatten lm-eval's logged samples (task -> samples) into rows sorted by task and doc id."""
-    rows = [sample_row(task, sample) for task, task_samples in samples.items() for sample in task_samples]
+    rows = []
+    for task, task_samples in samples.items():
+        rows += [sample_row(task, sample) for sample in task_samples]
     return sorted(rows, key=lambda row: (row["task"], row["doc_id"]))
 
 
