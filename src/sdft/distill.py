@@ -112,16 +112,16 @@ def assemble(records, turns, views, rewrites, decisions) -> list[Record]:
 def apply_mix(decisions, turns, records, share: float, seed: int) -> list[Decision]:
     """Keep accepted rewrites for only ``share`` of the records, chosen with a seeded shuffle.
 
-    Records left out train on their original responses; their log entries say
-    ``mixed_out``. With share 1.0 nothing changes.
+    Records left out train on their original responses, and their log entries have
+    the reason ``mixed_out``. With share 1.0 nothing changes.
     """
     if share >= 1.0:
         return decisions
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    kept = set(order[: round(share * len(records))])
+    chosen_records = set(order[: round(share * len(records))])
     return [
-        Decision(False, MIXED_OUT) if decision.accepted and r not in kept else decision
+        Decision(False, MIXED_OUT) if decision.accepted and r not in chosen_records else decision
         for (r, _), decision in zip(turns, decisions)
     ]
 

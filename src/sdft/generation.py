@@ -142,9 +142,9 @@ def generate_batch(loaded, prompts, settings, decoding, batch_number) -> tuple[l
 def greedy_compacting(model, inputs: dict, max_new_tokens: int, end_ids: list[int]) -> list[list[int]]:
     """Greedy decoding that drops finished sequences from the batch after every step.
 
-    ``model.generate`` keeps computing every row until the longest one stops; here
-    a row leaves the batch (and its KV cache entries are discarded) as soon as it
-    emits an end token or reaches ``max_new_tokens``. The arithmetic per row is
+    ``model.generate`` keeps computing every row until the longest one stops. Here a
+    row leaves the batch as soon as it emits an end token, and its KV cache entries
+    are discarded. The arithmetic per row is
     unchanged, so in float32 the tokens equal those of ``generate`` at batch 1.
     """
     import torch
