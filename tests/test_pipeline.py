@@ -75,13 +75,28 @@ def test_rerun_resumes_without_work(run_dir):
     result = run_sdft("run", "configs/quickstart.yaml", "--output-dir", str(run_dir), *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming the run" in result.stderr
-    assert "stage" not in result.stderr
+    assert "stage 2/5" not in result.stderr
+    assert "stage 3/5" not in result.stderr
+    assert "reusing the saved result" in result.stderr
+    assert "new tokens" not in result.stderr
     after = json.loads((run_dir / "results.json").read_text())
     assert after["scores"] == json.loads(before)["scores"]
 
 
-def test_changed_config_rejected(run_dir):
-    result = run_sdft("run", "configs/quickstart.yaml", "--output-dir", str(run_dir), *TINY, "--set", "train.epochs=2")
+def test_changed_eval_setting_reruns_eval_only(run_dir):
+    adapter = run_dir / "sdft" / "adapter" / "adapter_model.safetensors"
+    trained_at = adapter.stat().st_mtime_ns
+    result = run_sdft("run", "configs/quickstart.yaml", "--output-dir", str(run_dir), *TINY, "--set", "eval.limit=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "changed settings: eval.limit" in result.stderr
+    assert "stage 3/5" not in result.stderr
+    assert adapter.stat().st_mtime_ns == trained_at
+    scores = json.loads((run_dir / "eval" / "sdft" / "scores.json").read_text())
+    assert scores["benchmarks"]["gsm8k"]["examples"] == 2
+
+
+def test_different_training_data_rejected(run_dir):
+    result = run_sdft("run", "configs/quickstart.yaml", "--output-dir", str(run_dir), *TINY, "--set", "data.limit=3")
     assert result.returncode == 2
     assert "holds a different run" in result.stderr
-    assert "train.epochs" in result.stderr
+    assert "training data" in result.stderr

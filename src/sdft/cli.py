@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="check config, data and prompts, print the rendered prompts, and stop before loading the model",
     )
 
+    compare = commands.add_parser(
+        "compare",
+        help="one table over several run folders (e.g. two LoRA presets)",
+        description="one table over several run folders (e.g. two LoRA presets)",
+    )
+    compare.add_argument("runs", nargs="+", help="folders written by 'sdft run'")
+    compare.add_argument("--output", help="also write the table to this Markdown file")
+    compare.set_defaults(handler=compare_command)
+
     recipes = commands.add_parser("recipes", help="list the shipped configs", description="list the shipped configs")
     recipes.add_argument("--dir", help="folder of configs (default: configs/ of the sdft source tree)")
     recipes.set_defaults(handler=recipes_command)
@@ -132,6 +141,17 @@ def run_command(args) -> int:
     results = run(config)
     print(comparison_table(results))
     print(f"\nreport: {Path(config.output_dir) / 'report.md'}")
+    return 0
+
+
+def compare_command(args) -> int:
+    from sdft.io import atomic_write_text
+    from sdft.report import compare_runs
+
+    table = compare_runs([Path(run) for run in args.runs])
+    print(table)
+    if args.output:
+        atomic_write_text(args.output, "# SDFT comparison across runs\n\n" + table + "\n")
     return 0
 
 

@@ -21,11 +21,14 @@ from pathlib import Path
 
 from sdft.config import Config, ConfigError
 from sdft.data import Record, load_dataset_records, records_fingerprint
+from sdft.folders import OUTPUT_FILE, RUN_FILE, changed_keys, claim_output, output_identity  # noqa: F401
+from sdft.distributed import is_main
 from sdft.io import ResultCache, atomic_write_json, folder_lock, read_json, stable_hash
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
+STAGES_FILE = "stages.json"
+
 MODELS = ("seed", "vanilla", "sdft")
 
 
@@ -125,9 +128,17 @@ def run(config: Config) -> dict:
 
 
 def claim_folder(output_dir: Path, config: Config, records: list[Record]) -> None:
-    """Record this run's identity, or reject a folder that holds a different run."""
-    identity = {"config": config.to_dict(), "data_hash": records_fingerprint(records)}
-    identity["key"] = stable_hash(identity["config"], identity["data_hash"])
+    """Record this run's identity, or reject a folder that holds a different run.
+
+    A run is the same when the seed model and the training data are the same.
+    Other settings may change between reruns: each stage then recomputes only what
+    its own settings affect (see ``stage_keys``).
+    """
+    identity = {
+        "model": config.model.name,
+        "data_hash": records_fingerprint(records),
+        "config": config.to_dict(),
+    }
     run_file = output_dir / RUN_FILE
     if (output_dir / OUTPUT_FILE).exists():
         kind = read_json(output_dir / OUTPUT_FILE).get("kind")
@@ -136,149 +147,104 @@ def claim_folder(output_dir: Path, config: Config, records: list[Record]) -> Non
         )
     if run_file.exists():
         previous = read_json(run_file)
-        if previous.get("key") != identity["key"]:
-            changed = changed_keys(previous.get("config", {}), identity["config"])
-            if previous.get("data_hash") != identity["data_hash"]:
-                changed.append("training data")
+        different = []
+        if previous.get("config", {}).get("model", {}).get("name", previous.get("model")) != config.model.name:
+            different.append("model.name")
+        if previous.get("data_hash") != identity["data_hash"]:
+            different.append("training data")
+        if different:
             raise ConfigError(
-                f"{output_dir}: folder holds a different run (changed: {', '.join(changed) or 'unknown'}); "
+                f"{output_dir}: folder holds a different run (changed: {', '.join(different)}); "
                 "choose another --output-dir, or delete the folder to start over"
             )
-        logger.info("resuming the run in %s", output_dir)
-        return
+        changed = changed_keys(previous.get("config", {}), identity["config"])
+        if changed:
+            logger.info("resuming the run in %s with changed settings: %s", output_dir, ", ".join(changed))
+        else:
+            logger.info("resuming the run in %s", output_dir)
     atomic_write_json(run_file, identity)
 
 
-# Files that show which command wrote a folder; OUTPUT_FILE names it from now on.
-OUTPUT_FILE = "sdft_output.json"
-KIND_FILES = {
-    "run": (RUN_FILE,),
-    "distill": ("distilled.json", "distill_stats.json", "selection.jsonl"),
-    "train": ("adapter", "checkpoints", "train_meta.json"),
-    "eval": ("scores.json", "results"),
-}
+def stage_keys(config: Config, model_key: str, data_hash: str) -> dict[str, str]:
+    """Key every stage by the settings it depends on, so a changed setting reruns only its stages.
 
-
-def output_identity(kind: str, config: Config, records: list[Record] | None = None, adapter: str | None = None) -> dict:
-    """What makes two ``sdft distill|train|eval`` outputs the same: kind, model and input.
-
-    Distillation and evaluation may change other settings between reruns (cached
-    generations are keyed by their decoding settings); training also fixes its
-    settings, because checkpoints resume only under the settings that wrote them.
+    Evaluation keys cover only what is not already handled per benchmark; the
+    generation cache and ``results/NAME.json`` keys make unchanged benchmarks free.
     """
-    identity = {"kind": kind, "model": config.model.name}
-    if records is not None:
-        identity["dataset"] = records_fingerprint(records)
-    if kind == "train":
-        skip = ("logging_steps", "save_steps")
-        identity["train"] = {k: v for k, v in config.to_dict()["train"].items() if k not in skip}
-        identity["rendering"] = config.prompt.rendering
-    if kind == "eval":
-        identity["adapter"] = str(Path(adapter).expanduser().resolve()) if adapter else None
-    return identity
+    as_dict = config.to_dict()
+    prompt, train = as_dict["prompt"], as_dict["train"]
+    distill_key = stable_hash(model_key, data_hash, as_dict["distill"], prompt, train["template"])
+    return {
+        "distill": distill_key,
+        "vanilla": stable_hash(model_key, data_hash, train, prompt, as_dict["data"]["format"]),
+        # The SDFT model depends on the distilled data, so on every distillation setting.
+        "sdft": stable_hash(model_key, distill_key, train, prompt, as_dict["data"]["format"]),
+    }
 
 
-def claim_output(output_dir: Path, identity: dict, write: bool = True) -> None:
-    """Record which command, model and input an output folder contains, or reject the folder.
-
-    A folder is rejected when it contains another command's output, or this command's
-    output made from different input (or, for training, other settings). A folder
-    without any output of this command is taken over. Called once before the model
-    loads (``write=False``) and again under the folder lock.
-
-    Raises:
-        ConfigError: the folder contains other output; the message names what differs.
-    """
-    kind = identity["kind"]
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"{output_dir}: exists and is not a folder; choose another --output-dir")
-    if not output_dir.exists():
-        if write:
-            atomic_write_json(output_dir / OUTPUT_FILE, identity)
-        return
-    path = output_dir / OUTPUT_FILE
-    try:
-        previous = read_json(path) if path.exists() else legacy_identity(output_dir, identity)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: unreadable ({err}); delete it if the folder is yours") from err
-    if previous and previous.get("kind") != kind:
-        raise ConfigError(
-            f"{output_dir}: folder contains the output of 'sdft {previous.get('kind')}'; choose another "
-            f"--output-dir for 'sdft {kind}'"
-        )
-    has_output = any((output_dir / name).exists() for name in KIND_FILES[kind])
-    changed = changed_keys(previous, identity) if previous else []
-    if changed and has_output:
-        raise ConfigError(
-            f"{output_dir}: folder contains 'sdft {kind}' output made with a different {', '.join(changed)}; "
-            "choose another --output-dir, or delete the folder to start over"
-        )
-    if write and (changed or not path.exists()):
-        atomic_write_json(path, identity)
+def stage_done(output_dir: Path, stage: str, key: str, marker: Path) -> bool:
+    """Return whether ``stage`` finished under the same key (its output exists)."""
+    path = output_dir / STAGES_FILE
+    recorded = read_json(path).get(stage) if path.exists() else None
+    return marker.exists() and recorded == key
 
 
-def legacy_identity(output_dir: Path, identity: dict) -> dict | None:
-    """Identify a folder written before OUTPUT_FILE existed, from the files it contains."""
-    for kind, names in KIND_FILES.items():
-        if kind != identity["kind"] and any((output_dir / name).exists() for name in names):
-            return {"kind": kind}
-    stats = output_dir / "distill_stats.json"
-    if identity["kind"] == "distill" and stats.exists():
-        recorded = read_json(stats).get("provenance", {}).get("input_hash")
-        return {**identity, "dataset": recorded}
-    meta = output_dir / "train_meta.json"
-    if identity["kind"] == "train" and meta.exists():
-        return {**identity, "dataset": read_json(meta).get("data_hash")}
-    return None
-
-
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
+def mark_stage(output_dir: Path, stage: str, key: str) -> None:
+    path = output_dir / STAGES_FILE
+    recorded = read_json(path) if path.exists() else {}
+    recorded[stage] = key
+    atomic_write_json(path, recorded)
 
 
 def run_stages(config: Config, records, model_path: str, output_dir: Path, cache: ResultCache) -> None:
+    """Run each stage whose outputs are missing or were made under other settings.
+
+    Evaluations always run, because each benchmark reuses its saved result when
+    its own key is unchanged; loading the model is their only fixed cost.
+    """
+    import shutil
+
     from sdft.distill import DISTILLED_FILE, distill
-    from sdft.evaluation import SCORES_FILE, evaluate
+    from sdft.distributed import barrier
+    from sdft.evaluation import evaluate
     from sdft.models import load_model, model_fingerprint
     from sdft.training import ADAPTER_DIR, train
 
-    from sdft.distributed import barrier
+    keys = stage_keys(config, model_fingerprint(model_path), records_fingerprint(records))
+    load_seed = lambda: load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)  # noqa: E731
 
     # Every process checks the same files between barriers, so all take the same stages.
-    seed = None
     barrier()
-    if not (output_dir / "eval" / "seed" / SCORES_FILE).exists():
-        seed = load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
-        logger.info("stage 1/5: evaluating the seed model")
-        evaluate(config, seed, model_fingerprint(seed.path), output_dir / "eval" / "seed", cache, "seed")
+    seed = load_seed()
+    logger.info("stage 1/5: evaluating the seed model")
+    evaluate(config, seed, model_fingerprint(seed.path), output_dir / "eval" / "seed", cache, "seed")
 
     barrier()
-    if not (output_dir / "distill" / DISTILLED_FILE).exists():
-        seed = seed or load_model(config.model.name, device=config.model.device, dtype=config.model.dtype)
+    if not stage_done(output_dir, "distill", keys["distill"], output_dir / "distill" / DISTILLED_FILE):
         logger.info("stage 2/5: distilling %d records", len(records))
         distill(config, records, seed, output_dir / "distill", cache)
+        barrier()
+        mark_stage(output_dir, "distill", keys["distill"])
     del seed
 
     barrier()
-    distilled = load_dataset_records(str(output_dir / "distill" / DISTILLED_FILE), format=config.data.format, columns=config.data.columns)
+    distilled = load_dataset_records(
+        str(output_dir / "distill" / DISTILLED_FILE), format=config.data.format, columns=config.data.columns
+    )
     for label, data in (("vanilla", records), ("sdft", distilled)):
-        if not (output_dir / label / ADAPTER_DIR).exists():
-            logger.info("stage 3/5: %s fine-tuning on %d records", label, len(data))
-            train(config, data, output_dir / label, model_path)
         barrier()
+        if not stage_done(output_dir, label, keys[label], output_dir / label / ADAPTER_DIR):
+            logger.info("stage 3/5: %s fine-tuning on %d records", label, len(data))
+            if (output_dir / label / ADAPTER_DIR).exists() and is_main():
+                # Trained under other settings: start over, checkpoints included.
+                shutil.rmtree(output_dir / label)
+            barrier()
+            train(config, data, output_dir / label, model_path)
+            barrier()
+            mark_stage(output_dir, label, keys[label])
 
     for label in ("vanilla", "sdft"):
-        eval_dir = output_dir / "eval" / label
         barrier()
-        if (eval_dir / SCORES_FILE).exists():
-            continue
         weights = str(output_dir / label / ADAPTER_DIR)
         logger.info("stage 4/5: evaluating the %s model", label)
         if config.train.method == "lora":
@@ -287,5 +253,6 @@ def run_stages(config: Config, records, model_path: str, output_dir: Path, cache
         else:
             loaded = load_model(weights, device=config.model.device, dtype=config.model.dtype)
             key = model_fingerprint(weights)
-        evaluate(config, loaded, key, eval_dir, cache, label, adapter=weights if config.train.method == "lora" else None)
+        adapter = weights if config.train.method == "lora" else None
+        evaluate(config, loaded, key, output_dir / "eval" / label, cache, label, adapter=adapter)
         del loaded

@@ -271,3 +271,46 @@ def delta_chart(scores: dict):
     axes.set_ylabel("change from the seed (points)")
     axes.legend()
     return figure
+
+
+def compare_runs(run_dirs: list[Path]) -> str:
+    """Render one table over several run folders: the seed once, then each run's models.
+
+    Rows are named ``vanilla (RUN)`` and ``sdft (RUN)``; deltas are against the first
+    run's seed. Used to put presets side by side, e.g. the paper's LoRA and a stronger one.
+    """
+    if not run_dirs:
+        raise ValueError("compare needs at least one run folder")
+    combined, drift = {}, {}
+    for index, run_dir in enumerate(run_dirs):
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            from sdft.config import ConfigError
+
+            raise ConfigError(f"{path}: not found; pass folders written by 'sdft run'")
+        results = read_json(path)
+        for model, values in results["scores"].items():
+            if model == "seed":
+                if index == 0:
+                    combined["seed"] = values
+                continue
+            label = f"{model} ({Path(run_dir).name})"
+            if label in combined:
+                label = f"{model} ({Path(run_dir).name} #{index + 1})"
+            combined[label] = values
+            if model in results.get("drift", {}):
+                drift[label] = results["drift"][model]
+    names = table_columns(combined)
+    header = ["model"] + [f"{REGISTRY[name].column} ({REGISTRY[name].group})" for name in names]
+    header += [f"{title} (drift)" for _, title in DRIFT_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    changes = deltas(combined)
+    for label, values in combined.items():
+        cells = [label] + [format_cell(values.get(n), changes.get(label, {}).get(n)) for n in names]
+        for key, _ in DRIFT_COLUMNS:
+            if label == "seed":
+                cells.append("1.000")
+            else:
+                cells.append(f"{drift[label][key]:.3f}" if label in drift and key in drift[label] else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
