@@ -175,3 +175,32 @@ def test_eval_killed_then_resumed(eval_reference, tmp_path):
     assert_same_outputs(folder, eval_reference, EVAL_FILES)
     rows = [json.loads(line) for line in (folder / "gsm8k.jsonl").read_text().splitlines()]
     assert len(rows) == 6
+
+
+TRAIN = [
+    "train", "configs/quickstart.yaml",
+    "--set", "data.limit=8",
+    "--set", "train.epochs=1",
+    "--set", "train.batch_size=1",
+    "--set", "train.gradient_accumulation=1",
+    "--set", "train.save_steps=1",
+]
+
+
+def test_training_killed_then_resumed_from_checkpoint(tmp_path):
+    folder = tmp_path / "train"
+    process = start(TRAIN, folder)
+    deadline = time.monotonic() + TIMEOUT
+    while not (folder / "checkpoints" / "checkpoint-2").is_dir():
+        assert process.poll() is None, "training ended before its second checkpoint"
+        assert time.monotonic() < deadline, "no second checkpoint in time"
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    assert not (folder / "adapter").exists()
+
+    log = finish(start(TRAIN, folder))
+    assert "resuming training from" in log
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    steps = [entry["step"] for entry in json.loads((folder / "losses.json").read_text())]
+    assert steps == list(range(1, 9))

@@ -15,6 +15,7 @@ labels. Writes into the output folder:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -27,7 +28,8 @@ import torch
 from transformers import TrainerCallback
 
 from sdft.config import Config
-from sdft.data import Record, records_fingerprint
+from sdft.data import DataError, Record, records_fingerprint
+from sdft.distributed import is_main
 from sdft.io import atomic_save_figure, atomic_write_json
 from sdft.prompts import Template, get_template, render_training_segments, resolve_rendering
 from sdft.provenance import provenance
@@ -99,9 +101,9 @@ def train(config: Config, records: list[Record], output_dir: Path, model_path: s
         records, template, tokenizer, rendering, settings.max_length, settings.overlong
     )
     if not examples:
-        raise ValueError(
-            f"no training records left: all {len(records)} are longer than train.max_length="
-            f"{settings.max_length}; raise it or use shorter records"
+        raise DataError(
+            f"{config.data.train}: no training records left: all {len(records)} are longer than "
+            f"train.max_length={settings.max_length}; raise it or use shorter records"
         )
     checkpoints = output_dir / "checkpoints"
     trainer = build_trainer(
@@ -290,13 +292,14 @@ class SupervisedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_tokens):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_weight else None
+        exact = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are summed in fp32
+        total = torch.zeros((), dtype=exact, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-        entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros((), dtype=exact, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             piece, target = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-            logits = (piece @ weight.t()).float()
+            logits = (piece @ weight.t()).to(exact)
             log_norm = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(-1, target[:, None]).squeeze(-1)
             total += (log_norm - target_logit).sum()
@@ -309,7 +312,7 @@ class SupervisedCrossEntropy(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start : start + chunk_tokens] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight += probs.t() @ piece.float()
+                grad_weight += probs.t() @ piece.to(probs.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct, entropy)
@@ -337,11 +340,11 @@ def lora_config(settings):
     )
 
 
-def sft_config(settings, checkpoints: Path, device: str, dtype: str):
+def sft_config(settings, checkpoints: Path, device: str, dtype: str, **overrides):
     """Map our settings onto SFTConfig, overriding TRL defaults that differ from the paper's."""
     from trl import SFTConfig
 
-    return SFTConfig(
+    chosen = dict(
         output_dir=str(checkpoints),
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
@@ -367,16 +370,30 @@ def sft_config(settings, checkpoints: Path, device: str, dtype: str):
         report_to=[],
         disable_tqdm=False,
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
     )
+    return SFTConfig(**{**chosen, **overrides})
 
 
 def last_checkpoint(checkpoints: Path) -> str | None:
-    """Return the newest complete checkpoint folder, if any."""
+    """Return the newest complete checkpoint folder, if any.
+
+    A kill during a save leaves a checkpoint folder without a readable
+    ``trainer_state.json``, which the trainer writes last; such folders are
+    removed so the run resumes from the previous complete one.
+    """
     if not checkpoints.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoints))
+    candidates = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for folder in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(folder)
+        except (OSError, ValueError):
+            logger.warning("%s: incomplete checkpoint (interrupted save), removing it", folder)
+            if is_main():
+                shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def save_model(trainer, tokenizer, target: Path) -> None:
