@@ -166,6 +166,9 @@ def greedy_compacting(model, inputs: dict, max_new_tokens: int, end_ids: list[in
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=True,
+                # Only the last position's logits are needed; the full prefill logits
+                # (batch x prompt length x vocabulary) would dominate the cost.
+                logits_to_keep=1,
                 **{cache_argument: cache},
             ).logits[:, -1]
             tokens = logits.argmax(-1)
