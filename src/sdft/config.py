@@ -104,7 +104,7 @@ class GenerationConfig:
 
 @dataclass
 class PromptConfig:
-    """How templates become model input."""
+    """Prompt rendering: the layout that turns templates into model input."""
 
     rendering: str = "auto"
     """raw (the authors' plain-text layout), chat (the model's chat template) or auto
@@ -163,7 +163,7 @@ class TrainConfig:
     max_length: int = 1024
     """Maximum tokens of prompt plus response."""
     overlong: str = "truncate"
-    """What to do with records longer than max_length: truncate or skip."""
+    """Policy for records longer than max_length: truncate or skip."""
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -206,7 +206,7 @@ class JudgeConfig:
     endpoint: str | None = None
     """Base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."""
     api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable that holds the endpoint's API key (never written to outputs)."""
+    """Environment variable that contains the endpoint's API key (never written to outputs)."""
     max_new_tokens: int = 16
     batch_size: int = 8
     format: str = "auto"

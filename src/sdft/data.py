@@ -42,7 +42,7 @@ class Record:
         input: Optional extra input, joined to the instruction with a newline.
         history: Earlier (user, assistant) turns, oldest first.
         source: The row as read from the file, so outputs can keep its fields.
-        response_field: Name of the row's field that holds the response.
+        response_field: Name of the row's field that contains the response.
     """
 
     id: str

@@ -30,7 +30,7 @@ SCORES_FILE = "scores.json"
 
 @dataclass
 class EvalContext:
-    """What a benchmark needs to evaluate one model.
+    """Inputs a benchmark needs to evaluate one model.
 
     Attributes:
         config: The run's configuration (``eval`` section, data directory).

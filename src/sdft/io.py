@@ -24,7 +24,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to ``path`` through a temporary file and an atomic rename.
 
     Under a multi-process launch only the main process writes, because every
-    process holds the same merged results.
+    process has the same merged results.
     """
     if not is_main():
         return

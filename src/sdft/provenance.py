@@ -1,4 +1,4 @@
-"""What every output records so it can be rerun: config, versions, hashes, templates."""
+"""Provenance recorded with every output so it can be rerun: config, versions, hashes, templates."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def git_revision() -> str | None:
 def provenance(config, templates: list[str], **extra) -> dict:
     """Collect the record saved beside an adapter, dataset or result file.
 
-    It holds no timestamp, so rerunning the same settings writes identical files.
+    It contains no timestamp, so rerunning the same settings writes identical files.
     """
     return {
         "config": config.to_dict(),
