@@ -40,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FAILURES: dict[str, str] = {}  # label of a failed worker -> reason shown in the tables
 BASELINE_PROMPTS = 8
-LLAMA_SWEEP_PROMPTS = 16
-LLAMA_PARALLEL = (4, 8, 16)
+LLAMA_SWEEP_PROMPTS = 32
+LLAMA_PARALLEL = (8, 16, 32)
 TRL_KEPT_DEFAULTS = (
     "per_device_train_batch_size=8, gradient_accumulation_steps=1, gradient_checkpointing=True, "
     "bf16=True (autocast on CPU), max_length=1024, padded batches (no padding_free, no packing), "
@@ -169,9 +169,11 @@ def work_llama_cpp(spec: dict) -> dict:
     silence = llama_cpp.llama_log_callback(lambda level, text, data: None)  # kept alive while in use
     llama_cpp.llama_log_set(silence, None)
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(
-        str(find_embedded_gguf()).encode(), llama_cpp.llama_model_default_params()
-    )
+    model_params = llama_cpp.llama_model_default_params()
+    # The extra buffer types include the AMX matmul kernel, which crashes (SIGSEGV in
+    # ggml_backend_amx_mul_mat) on CPUs that report AMX inside a VM that does not grant it.
+    model_params.use_extra_bufts = spec.get("llama_extra_bufts", False)
+    model = llama_cpp.llama_model_load_from_file(str(find_embedded_gguf()).encode(), model_params)
     if not model:
         raise RuntimeError("llama.cpp could not load the GGUF file")
     vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
@@ -637,8 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="64", help="comma-separated batch sizes of sdft generate")
     parser.add_argument("--train-records", type=int, default=32, help="GSM8K training records")
     parser.add_argument("--train-steps", type=int, default=4, help="optimizer steps per training setup (first is warm-up)")
-    parser.add_argument("--train-variants", default="mb1,group,trl-loss,trl-fp32",
-                        help="extra setups: mb1 (micro-batch 1), group (group_by_length), trl-loss "
+    parser.add_argument("--train-variants", default="mb1,group,packed,trl-loss,trl-fp32",
+                        help="extra setups: mb1 (micro-batch 1), group (group_by_length), packed (padding-free "
+                             "micro-batches), trl-loss "
                              "(sdft with TRL's loss), trl-fp32 (TRL default with bf16=False); 'none' for none")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
@@ -693,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                     {**base, "overrides": {"batch_size": 1, "gradient_accumulation": 8}}),
             "group": ("sdft, group_by_length", "train_ours",
                       {**base, "overrides": {}, "sft_overrides": {"train_sampling_strategy": "group_by_length"}}),
+            "packed": ("sdft, packed (train.packing)", "train_ours", {**base, "overrides": {"packing": True}}),
             "trl-loss": ("sdft, TRL's loss (loss_chunk_tokens=0)", "train_ours",
                          {**base, "overrides": {"loss_chunk_tokens": 0}}),
             "trl-fp32": ("TRL default, bf16=False", "train_trl", {**base, "bf16": False}),

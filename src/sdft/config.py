@@ -93,9 +93,17 @@ class GenerationConfig:
     seed: int = 42
     compact: bool = True
     """Greedy only: drop finished sequences from the batch instead of padding them to the end."""
+    backend: str = "transformers"
+    """transformers (any device) or vllm (GPUs, needs the vllm package; single process)."""
+    vllm_memory: float = 0.5
+    """vllm only: fraction of GPU memory for its engine; the transformers copy of the model
+    (used for likelihoods and the harness) keeps the rest."""
 
     def __post_init__(self):
         check_choice("generation.mode", self.mode, ("sample", "greedy"))
+        check_choice("generation.backend", self.backend, ("transformers", "vllm"))
+        if not 0 < self.vllm_memory < 1:
+            raise ConfigError("generation.vllm_memory: must be in (0, 1)")
         check_positive("generation.max_new_tokens", self.max_new_tokens)
         check_positive("generation.batch_size", self.batch_size)
         if self.temperature <= 0:
@@ -171,6 +179,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     group_by_length: bool = False
     """Put records of similar length into the same micro-batch (less padding; changes the record order)."""
+    packing: bool = False
+    """Join the records of each micro-batch into one row without padding; position ids restart at
+    each record and attention stays inside it. Pays on GPUs with padding-heavy batches, not on CPUs."""
     loss_chunk_tokens: int = 256
     """Compute the loss on supervised positions only, through the LM head this many tokens at a time,
     so the full-vocabulary logits are never all in memory; 0 uses TRL's own loss."""

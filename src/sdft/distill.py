@@ -20,6 +20,7 @@ from sdft.config import Config
 from sdft.data import Record, records_fingerprint
 from sdft.generation import decoding_settings, generate
 from sdft.io import ResultCache, atomic_write_json, atomic_write_jsonl
+from sdft.resources import peak_rss_mb
 from sdft.models import LoadedModel, model_fingerprint
 from sdft.prompts import get_template, render_prompt, resolve_rendering
 from sdft.provenance import provenance
@@ -94,6 +95,7 @@ def distill(
         for (r, t), rewrite, decision in zip(turns, rewrites, decisions)
     ]
     write_outputs(config, output_dir, records, distilled, log, stats, rendering)
+    logger.info("distillation done; peak RSS of this process %.0f MiB", peak_rss_mb())
     return DistillResult(distilled, decisions, stats)
 
 

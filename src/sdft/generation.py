@@ -18,16 +18,20 @@ import time
 
 from tqdm.auto import tqdm
 
-from sdft.config import GenerationConfig
+from sdft.config import ConfigError, GenerationConfig
 from sdft.distributed import barrier, is_main, shard, world_size
 from sdft.io import ResultCache, stable_hash
 
 logger = logging.getLogger(__name__)
 
+VLLM_CHUNK = 512  # prompts handed to vLLM at a time
+
 
 def decoding_settings(settings: GenerationConfig, max_new_tokens: int | None = None) -> dict:
     """Return the settings that change outputs, as recorded with every result."""
     chosen = {"mode": settings.mode, "max_new_tokens": max_new_tokens or settings.max_new_tokens}
+    if settings.backend != "transformers":
+        chosen["backend"] = settings.backend
     if settings.mode == "sample":
         chosen.update(
             temperature=settings.temperature,
@@ -78,7 +82,16 @@ def generate(
     pending.sort(key=lambda i: (-lengths[i], i))
     # Under a multi-process launch each process takes an interleaved shard.
     pending = shard(pending)
-    batches = [pending[i : i + settings.batch_size] for i in range(0, len(pending), settings.batch_size)]
+    size = settings.batch_size
+    if settings.backend == "vllm":
+        if world_size() > 1:
+            raise ConfigError(
+                "generation.backend: vllm runs in a single process; launch without accelerate/torchrun "
+                "or set generation.backend: transformers"
+            )
+        # vLLM schedules its own batches; larger chunks keep it busy, and each chunk is cached.
+        size = max(size, VLLM_CHUNK)
+    batches = [pending[i : i + size] for i in range(0, len(pending), size)]
 
     progress = tqdm(
         total=len(results) + len(pending), initial=len(results), desc=description, unit="prompt", disable=not is_main()
@@ -114,6 +127,10 @@ def generate_batch(loaded, prompts, settings, decoding, batch_number) -> tuple[l
     import torch
 
     tokenizer, model = loaded.tokenizer, loaded.model
+    if settings.backend == "vllm":
+        from sdft import vllm_backend
+
+        return vllm_backend.generate_batch(loaded, prompts, settings, decoding, end_token_ids(tokenizer, model))
     tokenizer.padding_side = "left"
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     inputs = {name: tensor.to(loaded.device) for name, tensor in inputs.items()}

@@ -36,6 +36,8 @@ class LoadedModel:
     path: str
     device: str
     dtype: str
+    adapter: str | None = None
+    """The PEFT adapter folder applied to the model at ``path``, if any."""
 
 
 def cache_dir() -> Path:
@@ -204,7 +206,7 @@ def load_model(
     model.to(device)
     if not for_training:
         model.eval()
-    return LoadedModel(model, tokenizer, path, device, dtype)
+    return LoadedModel(model, tokenizer, path, device, dtype, str(adapter) if adapter else None)
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

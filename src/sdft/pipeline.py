@@ -41,6 +41,10 @@ def validate_inputs(config: Config) -> tuple[list[Record], str]:
 
     records = load_training_records(config)
     check_benchmark_data(config)
+    if "vllm" in (config.distill.generation.backend, config.eval.generation.backend):
+        from sdft.vllm_backend import import_vllm
+
+        import_vllm()
     path = resolve_model_path(config.model.name)
     try:
         load_tokenizer(path)

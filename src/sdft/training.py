@@ -33,6 +33,7 @@ from sdft.distributed import is_main
 from sdft.io import atomic_save_figure, atomic_write_json
 from sdft.prompts import Template, get_template, render_training_segments, resolve_rendering
 from sdft.provenance import provenance
+from sdft.resources import peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def train(config: Config, records: list[Record], output_dir: Path, model_path: s
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - started
+    logger.info("training done in %.0f s; peak RSS of this process %.0f MiB", elapsed, peak_rss_mb())
 
     if trainer.is_world_process_zero():
         save_model(trainer, tokenizer, output_dir / ADAPTER_DIR)
@@ -140,6 +142,7 @@ def train(config: Config, records: list[Record], output_dir: Path, model_path: s
             steps=trainer.state.global_step,
             seconds=round(elapsed, 1),
             tokens_per_second=round(tokens / elapsed, 1) if elapsed and not resume else None,
+            peak_rss_mb=round(peak_rss_mb()),
         ),
     )
     if trainer.is_world_process_zero():
@@ -369,6 +372,7 @@ def sft_config(settings, checkpoints: Path, device: str, dtype: str, **overrides
         completion_only_loss=True,
         max_length=None,
         packing=False,
+        padding_free=settings.packing,
         use_cpu=device == "cpu",
         report_to=[],
         disable_tqdm=False,
