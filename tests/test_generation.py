@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sdft.config import GenerationConfig
@@ -66,3 +68,13 @@ def test_sampling_is_seeded(seed_model, prompts):
     first = generate(seed_model, prompts[:3], settings, "test")
     second = generate(seed_model, prompts[:3], settings, "test")
     assert first == second
+
+
+def test_streamed_sampling_does_not_depend_on_batching(seed_model, prompts):
+    """Each prompt draws from its own generator, so batch size and neighbours do not matter."""
+    settings = GenerationConfig(mode="sample", max_new_tokens=16, batch_size=3, seed=7)
+    together = generate(seed_model, prompts[:3], settings, "test")
+    alone = [generate(seed_model, [p], dataclasses.replace(settings, batch_size=1), "test")[0] for p in prompts[:3]]
+    assert together == alone
+    reseeded = generate(seed_model, prompts[:3], dataclasses.replace(settings, seed=8), "test")
+    assert reseeded != together

@@ -80,7 +80,7 @@ def test_compacting_batches_equal_batch_one(seed_model, data_path):
     config.eos_token_id = sorted(set(end_token_ids(tokenizer, seed_model.model)) | set(period))
     try:
         expected, produced = one_at_a_time(seed_model, prompts)
-        # Batches of 4 over 6 length-sorted prompts: two buckets, padded on the left.
+        # At most 4 rows at a time over 6 length-sorted prompts: the last two join as rows finish.
         settings = GenerationConfig(mode="greedy", max_new_tokens=MAX_NEW_TOKENS, batch_size=4, compact=True)
         batched = generate(seed_model, prompts, settings, "test")
     finally:

@@ -92,7 +92,8 @@ class GenerationConfig:
     """Prompts generated together; larger is faster until memory runs out."""
     seed: int = 42
     compact: bool = True
-    """Greedy only: drop finished sequences from the batch instead of padding them to the end."""
+    """Greedy only: decode as one stream in which finished rows leave the batch and waiting prompts
+    take their places (continuous batching); off runs ``model.generate`` batch by batch."""
     backend: str = "transformers"
     """transformers (any device) or vllm (GPUs, needs the vllm package; single process)."""
     vllm_memory: float = 0.5

@@ -91,8 +91,8 @@ def sampling_params(vllm, decoding: dict, settings: GenerationConfig, end_ids: l
 
 
 def generate_batch(loaded, prompts: list[str], settings: GenerationConfig, decoding: dict,
-                   end_ids: list[int]) -> tuple[list[str], int]:
-    """Generate for ``prompts``; return completions and the count of new tokens."""
+                   end_ids: list[int]) -> tuple[list[str], list[int]]:
+    """Generate for ``prompts``; return completions and the count of new tokens of each."""
     vllm = import_vllm()
     llm = engine(loaded, settings)
     requests = [{"prompt_token_ids": loaded.tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
@@ -108,4 +108,4 @@ def generate_batch(loaded, prompts: list[str], settings: GenerationConfig, decod
         requests, sampling_params(vllm, decoding, settings, end_ids), lora_request=lora, use_tqdm=False
     )
     completions = [output.outputs[0].text.strip() for output in outputs]
-    return completions, sum(len(output.outputs[0].token_ids) for output in outputs)
+    return completions, [len(output.outputs[0].token_ids) for output in outputs]
