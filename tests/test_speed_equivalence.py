@@ -151,6 +151,7 @@ def test_trainer_loss_equals_trl_loss(seed_model, examples, tmp_path):
     from trl import SFTTrainer
 
     config = Config()
+    config.train.dtype = "float32"  # an exactness check: bfloat16 would round both losses differently
     assert config.train.loss_chunk_tokens > 0
     trainer = build_trainer(
         config, examples, seed_model.tokenizer, seed_model.path, Path(tmp_path), [],
@@ -191,6 +192,7 @@ def first_batch_and_loss(config: Config, examples, seed_model, folder: Path):
 def test_packed_losses_equal_unpacked(seed_model, examples, tmp_path):
     """A packed (padding-free) micro-batch gives each record the loss it has alone."""
     config = Config()
+    config.train.dtype = "float32"  # compares with the float32 model of the fixture
     config.train.packing = True
     packed, packed_loss = first_batch_and_loss(config, examples, seed_model, tmp_path / "packed")
     assert packed["input_ids"].shape[0] == 1

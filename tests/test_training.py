@@ -97,3 +97,22 @@ def test_raw_multi_turn_masks_history_answers(tokenizer):
     example = build_example(MULTI_TURN, get_template("alpaca"), tokenizer, "raw")
     supervised = [t for t, m in zip(example.input_ids, example.completion_mask) if m]
     assert tokenizer.decode(supervised) == "First answer.Second answer." + tokenizer.eos_token
+
+
+@pytest.mark.parametrize(
+    "model_dtype, train_dtype, method, device, bf16_cpu, expected",
+    [
+        ("auto", "auto", "lora", "cpu", True, "bfloat16"),  # native bf16: LoRA on bf16 base weights
+        ("auto", "auto", "lora", "cpu", False, "float32"),  # emulated bf16 would be slower
+        ("auto", "auto", "full", "cpu", True, "float32"),  # full fine-tuning keeps float32 weights
+        ("float32", "auto", "lora", "cpu", True, "float32"),  # an explicit model.dtype wins over auto
+        ("auto", "float32", "lora", "cpu", True, "float32"),  # train.dtype wins over everything
+        ("auto", "float16", "full", "cpu", False, "float16"),
+        ("auto", "auto", "lora", "mps", True, "float32"),
+    ],
+)
+def test_training_dtype(monkeypatch, model_dtype, train_dtype, method, device, bf16_cpu, expected):
+    from sdft import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: bf16_cpu)
+    assert models.training_dtype(model_dtype, train_dtype, method, device) == expected

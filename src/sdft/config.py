@@ -180,6 +180,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     group_by_length: bool = False
     """Put records of similar length into the same micro-batch (less padding; changes the record order)."""
+    dtype: str = "auto"
+    """Dtype of the base weights while training: auto, float32, bfloat16 or float16. auto follows
+    model.dtype when set; otherwise LoRA trains on bfloat16 base weights where the hardware has
+    native bfloat16 (recent CPUs and GPUs), with float32 adapter weights and autocast."""
     packing: bool = False
     """Join the records of each micro-batch into one row without padding; position ids restart at
     each record and attention stays inside it. Pays on GPUs with padding-heavy batches, not on CPUs."""
@@ -195,6 +199,7 @@ class TrainConfig:
         check_choice("train.template", self.template, tuple(TEMPLATES))
         check_choice("train.method", self.method, ("lora", "full"))
         check_choice("train.overlong", self.overlong, ("truncate", "skip"))
+        check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         for name in ("batch_size", "gradient_accumulation", "max_length", "lora_r", "save_steps"):
             check_positive(f"train.{name}", getattr(self, name))
         if self.epochs <= 0:

@@ -157,6 +157,29 @@ def pick_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+def training_dtype(model_dtype: str, train_dtype: str, method: str, device: str) -> str:
+    """Choose the dtype of the base weights while fine-tuning.
+
+    ``train_dtype`` wins when set, then ``model_dtype``. Otherwise LoRA trains on
+    bfloat16 base weights wherever the hardware computes in bfloat16 natively (the
+    adapter weights stay float32), and full fine-tuning keeps the inference dtype.
+    """
+    if train_dtype != "auto":
+        return train_dtype
+    if model_dtype == "auto" and method == "lora" and device == "cpu" and cpu_has_bf16():
+        return "bfloat16"
+    return pick_dtype(model_dtype, device)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

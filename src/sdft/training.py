@@ -92,7 +92,7 @@ def build_examples(
 
 def train(config: Config, records: list[Record], output_dir: Path, model_path: str) -> Path:
     """Fine-tune the seed model on ``records`` and save the adapter; return its folder."""
-    from sdft.models import load_tokenizer
+    from sdft.models import load_tokenizer, pick_device, training_dtype
 
     settings = config.train
     tokenizer = load_tokenizer(model_path)
@@ -143,6 +143,7 @@ def train(config: Config, records: list[Record], output_dir: Path, model_path: s
             seconds=round(elapsed, 1),
             tokens_per_second=round(tokens / elapsed, 1) if elapsed and not resume else None,
             peak_rss_mb=round(peak_rss_mb()),
+            base_dtype=training_dtype(config.model.dtype, settings.dtype, settings.method, pick_device(config.model.device)),
         ),
     )
     if trainer.is_world_process_zero():
@@ -161,7 +162,7 @@ def build_trainer(config: Config, examples: list[Example], tokenizer, model_path
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from sdft.models import pick_device, pick_dtype
+    from sdft.models import pick_device, training_dtype
 
     settings = config.train
     dataset = Dataset.from_dict(
@@ -171,7 +172,8 @@ def build_trainer(config: Config, examples: list[Example], tokenizer, model_path
         }
     )
     device = pick_device(config.model.device)
-    dtype = pick_dtype(config.model.dtype, device)
+    dtype = training_dtype(config.model.dtype, settings.dtype, settings.method, device)
+    logger.info("training on %s with %s base weights", device, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     peft_config = lora_config(settings) if settings.method == "lora" else None
     trainer_class = chunked_loss_trainer() if settings.loss_chunk_tokens else sft_trainer()
@@ -214,10 +216,13 @@ def chunked_loss_trainer():
             labels = inputs["labels"]
             backbone_inputs = {k: v for k, v in inputs.items() if k != "labels"}
             backbone_inputs["use_cache"] = False
-            hidden = getattr(causal, causal.base_model_prefix)(**backbone_inputs).last_hidden_state
-            loss, correct, entropy, count = supervised_loss(
-                hidden, causal.get_output_embeddings(), labels, self.loss_chunk_tokens, num_items_in_batch
-            )
+            # accelerate applies mixed precision by wrapping ``model.forward``, which this path
+            # does not call, so it enters the same autocast context itself.
+            with self.accelerator.autocast():
+                hidden = getattr(causal, causal.base_model_prefix)(**backbone_inputs).last_hidden_state
+                loss, correct, entropy, count = supervised_loss(
+                    hidden, causal.get_output_embeddings(), labels, self.loss_chunk_tokens, num_items_in_batch
+                )
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             self.record_metrics(inputs, correct, entropy, count)
