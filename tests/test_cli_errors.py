@@ -85,3 +85,20 @@ def test_missing_adapter(tmp_path):
     output = tmp_path / "eval"
     result = run_sdft("eval", "--output-dir", str(output), "--adapter", str(tmp_path / "none"))
     assert_clean_failure(result, output, "adapter not found")
+
+
+def test_unknown_template_in_prompt(tmp_path):
+    result = run_sdft("prompt", QUICKSTART, "--template", "nope")
+    assert_clean_failure(result, tmp_path / "unused", "--template: unknown template 'nope'", "gsm8k_distill")
+
+
+def test_missing_model_in_dry_run(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = run_sdft("run", QUICKSTART, "--dry-run", "--model", str(missing), "--set", "prompt.rendering=raw")
+    assert_clean_failure(result, tmp_path / "unused", str(missing), "model folder not found")
+
+
+def test_unknown_flag_shows_the_command_usage():
+    result = run_sdft("run", QUICKSTART, "--epochs", "3")
+    assert result.returncode == 2
+    assert "sdft run: error: unrecognized arguments: --epochs 3" in result.stderr

@@ -1,4 +1,4 @@
-"""Command line: ``sdft run | distill | train | eval | prompt``.
+"""Command line: sdft run | distill | train | eval | prompt | recipes | compare.
 
 Every command takes an optional YAML config and ``--set section.key=value``
 overrides; expected failures (bad config, bad data, missing model, busy folder)
@@ -18,7 +18,9 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the usage of the command that was given, not the top level's
+        parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -41,9 +43,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sdft",
+        description="Self-Distillation Fine-Tuning: rewrite a task dataset with the seed model, fine-tune "
+        "on it, and compare seed, vanilla and SDFT models.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.command_parsers = commands.choices
 
     run = add_command(commands, "run", "seed vs vanilla vs SDFT: train, distill, evaluate, report", run_command)
     run.add_argument("--output-dir", help="run folder (default: output_dir of the config)")
@@ -124,7 +132,7 @@ def resolve_config(args, **extra):
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(args.config, overrides)
-    logging.getLogger("sdft").info("config: %s", config.to_dict())
+    logging.getLogger("sdft").debug("config: %s", config.to_dict())
     return config
 
 
@@ -246,12 +254,16 @@ def eval_command(args) -> int:
 
 
 def prompt_command(args) -> int:
+    from sdft.config import ConfigError
     from sdft.data import load_dataset_records
     from sdft.models import load_tokenizer, resolve_model_path
     from sdft.prompts import get_template, render_prompt, resolve_rendering
 
     config = resolve_config(args)
-    template = get_template(args.template or config.train.template)
+    try:
+        template = get_template(args.template or config.train.template)
+    except ValueError as err:
+        raise ConfigError(f"--template: {err}") from None
     dataset = args.dataset or config.data.train
     records = load_dataset_records(
         dataset, data_dir=config.data.data_dir, limit=args.index + 1, require_response=False
@@ -265,6 +277,15 @@ def prompt_command(args) -> int:
     print(f"# template {template.name}, rendering {rendering}", file=sys.stderr)
     sys.stdout.write(render_prompt(template, records[args.index], tokenizer, rendering) + "\n")
     return 0
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdft")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from sdft.resources import peak_rss_mb
 logger = logging.getLogger(__name__)
 
 VLLM_CHUNK = 512  # prompts handed to vLLM at a time
+PREFILL_GROUP = 16  # prompts prefilled together when they join the stream
 
 
 def decoding_settings(settings: GenerationConfig, max_new_tokens: int | None = None) -> dict:
@@ -216,15 +217,18 @@ def stream_decode(loaded, prompts: list[list[int]], indices: list[int], settings
         while waiting or rows:
             if waiting and len(rows) <= batch_size - max(1, batch_size // 4):
                 joining = [waiting.pop() for _ in range(min(batch_size - len(rows), len(waiting)))]
-                new_cache, new_mask, logits = prefill(model, [prompts[i] for i in joining], tokenizer.pad_token_id)
-                new_last = choose.first(logits, [prompts[i] for i in joining])
-                if cache is None:
-                    cache, mask, last = new_cache, new_mask, new_last
-                else:
-                    mask = join_rows(cache, mask, new_cache, new_mask)
-                    last = torch.cat([last, new_last])
-                rows += joining
-                produced += [[token] for token in new_last.tolist()]
+                # Prefilled in groups of similar length: one group would pad every prompt to the longest.
+                for start in range(0, len(joining), PREFILL_GROUP):
+                    group = joining[start : start + PREFILL_GROUP]
+                    new_cache, new_mask, logits = prefill(model, [prompts[i] for i in group], tokenizer.pad_token_id)
+                    new_last = choose.first(logits, [prompts[i] for i in group])
+                    if cache is None:
+                        cache, mask, last = new_cache, new_mask, new_last
+                    else:
+                        mask = join_rows(cache, mask, new_cache, new_mask)
+                        last = torch.cat([last, new_last])
+                    rows += group
+                    produced += [[token] for token in new_last.tolist()]
             else:
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
                 last = choose.next(step(model, cache, last, mask))

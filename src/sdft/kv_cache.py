@@ -42,7 +42,9 @@ class GrowingLayer(DynamicLayer):
         grown = []
         for index, template in enumerate(like):
             batch, heads, _, width = template.shape
-            buffer = template.new_zeros((batch, heads, capacity, width))
+            # Padding positions must be zeros (masked, but never NaN); the spare room is written before use.
+            buffer = template.new_empty((batch, heads, capacity, width))
+            buffer[..., :left, :] = 0
             if self.buffers is not None:
                 buffer[..., left : left + self.length, :] = self.buffers[index][..., : self.length, :]
             grown.append(buffer)
@@ -53,7 +55,12 @@ class GrowingLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self.buffers = [buffer[indices] for buffer in self.buffers]
+            # Only the filled positions are copied, into buffers with the same spare room.
+            kept = [buffer[..., : self.length, :].index_select(0, indices) for buffer in self.buffers]
+            self.buffers = None
+            self.reallocate(self.length + SPARE_POSITIONS, like=tuple(kept))
+            for buffer, values in zip(self.buffers, kept):
+                buffer[..., : self.length, :] = values
             self.refresh_views()
 
     def pad_left(self, count: int) -> None:

@@ -89,8 +89,9 @@ def dry_run(config: Config) -> str:
     records = load_training_records(config)
     check_benchmark_data(config)
     lines = [f"config valid; {len(records)} training records from {config.data.train}"]
+    path = resolve_model_path(config.model.name)  # a missing local model is an error even here
     try:
-        tokenizer = load_tokenizer(resolve_model_path(config.model.name))
+        tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as err:
         tokenizer = None
         lines.append(f"tokenizer of {config.model.name} not available here ({str(err).splitlines()[0]})")

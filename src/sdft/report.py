@@ -175,7 +175,7 @@ def render_markdown(config, results: dict, plots: list[str]) -> str:
                 f"| accepted records, rewrite | {gap['accepted_rewrite']:.3f} |",
             ]
         parts.append("")
-    parts += ["## Training", "", "| model | steps | final loss | seconds | tokens/s |", "|---|---|---|---|---|"]
+    parts += ["## Training", "", "| model | steps | mean training loss | seconds | tokens/s |", "|---|---|---|---|---|"]
     for model, summary in results["training"].items():
         if summary:
             parts.append(
