@@ -172,7 +172,7 @@ def training_dtype(model_dtype: str, train_dtype: str, method: str, device: str)
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    """Tell whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), from /proc/cpuinfo."""
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
