@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     variants = [] if args.train_variants == "none" else [v.strip() for v in args.train_variants.split(",")]
-    command = "python bench/throughput.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python bench/throughput.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
 
     logs = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="sdft-bench-"))
     load_before = os.getloadavg()
