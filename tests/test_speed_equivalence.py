@@ -62,7 +62,9 @@ def one_at_a_time(loaded, prompts: list[str]) -> tuple[list[str], list[int]]:
     return texts, lengths
 
 
-def test_compacting_batches_equal_batch_one(seed_model, data_path):
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_compacting_batches_equal_batch_one(seed_model, data_path, batch_size):
+    """Batch 4: rows join as others finish. Batch 16: finished rows stay until two have finished."""
     tokenizer = seed_model.tokenizer
     math = load_dataset_records("gsm8k_test", data_dir=data_path, limit=3)
     safety = load_dataset_records("advbench", data_dir=data_path, limit=3, require_response=False)
@@ -80,8 +82,7 @@ def test_compacting_batches_equal_batch_one(seed_model, data_path):
     config.eos_token_id = sorted(set(end_token_ids(tokenizer, seed_model.model)) | set(period))
     try:
         expected, produced = one_at_a_time(seed_model, prompts)
-        # At most 4 rows at a time over 6 length-sorted prompts: the last two join as rows finish.
-        settings = GenerationConfig(mode="greedy", max_new_tokens=MAX_NEW_TOKENS, batch_size=4, compact=True)
+        settings = GenerationConfig(mode="greedy", max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size, compact=True)
         batched = generate(seed_model, prompts, settings, "test")
     finally:
         config.eos_token_id = saved

@@ -233,14 +233,23 @@ def stream_decode(loaded, prompts: list[list[int]], indices: list[int], settings
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
                 last = choose.next(step(model, cache, last, mask))
                 for tokens, token in zip(produced, last.tolist()):
-                    tokens.append(token)
-            done = torch.isin(last, ends) | torch.tensor([len(t) >= max_new for t in produced], device=last.device)
-            if not done.any():
-                continue
+                    if tokens is not None:
+                        tokens.append(token)
+            # A finished row is stored at once but stays in the batch (its slot is None) until
+            # enough have finished to pay for compacting the cache, or prompts wait to join.
+            live = torch.tensor([t is not None for t in produced], device=last.device)
+            full = torch.tensor([t is not None and len(t) >= max_new for t in produced], device=last.device)
+            done = live & (torch.isin(last, ends) | full)
             for row in done.nonzero().flatten().tolist():
                 tokens = produced[row]
                 store(indices[rows[row]], tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens))
-            keep = (~done).nonzero().flatten()
+                produced[row] = None
+            live &= ~done
+            finished, running = len(rows) - int(live.sum()), int(live.sum())
+            joining_soon = waiting and running <= batch_size - max(1, batch_size // 4)
+            if not finished or not (finished >= max(1, batch_size // 8) or joining_soon or not running):
+                continue
+            keep = live.nonzero().flatten()
             choose.keep(keep.tolist())
             rows = [rows[i] for i in keep.tolist()]
             produced = [produced[i] for i in keep.tolist()]
