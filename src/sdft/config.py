@@ -92,8 +92,8 @@ class GenerationConfig:
     """Prompts generated together; larger is faster until memory runs out."""
     seed: int = 42
     compact: bool = True
-    """Greedy only: decode as one stream in which finished rows leave the batch and waiting prompts
-    take their places (continuous batching); off runs ``model.generate`` batch by batch."""
+    """Decode as one stream in which finished rows leave the batch and waiting prompts take their
+    places (continuous batching). Off runs ``model.generate`` batch by batch."""
     backend: str = "transformers"
     """transformers (any device) or vllm (GPUs, needs the vllm package; single process)."""
     vllm_memory: float = 0.5
@@ -182,8 +182,8 @@ class TrainConfig:
     """Put records of similar length into the same micro-batch (less padding; changes the record order)."""
     dtype: str = "auto"
     """Dtype of the base weights while training: auto, float32, bfloat16 or float16. auto follows
-    model.dtype when set; otherwise LoRA trains on bfloat16 base weights where the hardware has
-    native bfloat16 (recent CPUs and GPUs), with float32 adapter weights and autocast."""
+    model.dtype when it is set. Otherwise LoRA trains on bfloat16 base weights on CPUs with native
+    bfloat16, with float32 adapter weights and autocast."""
     packing: bool = False
     """Join the records of each micro-batch into one row without padding; position ids restart at
     each record and attention stays inside it. Pays on GPUs with padding-heavy batches, not on CPUs."""

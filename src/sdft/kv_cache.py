@@ -56,10 +56,10 @@ class GrowingLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             # Only the filled positions are copied, into buffers with the same spare room.
-            kept = [buffer[..., : self.length, :].index_select(0, indices) for buffer in self.buffers]
+            selected = [buffer[..., : self.length, :].index_select(0, indices) for buffer in self.buffers]
             self.buffers = None
-            self.reallocate(self.length + SPARE_POSITIONS, like=tuple(kept))
-            for buffer, values in zip(self.buffers, kept):
+            self.reallocate(self.length + SPARE_POSITIONS, like=tuple(selected))
+            for buffer, values in zip(self.buffers, selected):
                 buffer[..., : self.length, :] = values
             self.refresh_views()
 
