@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from sdft.kv_cache import GrowingLayer, drop_rows, join_rows
+from sdft.kv_cache import GrowingLayer, join_rows, keep_rows
 
 
 class Cache:
@@ -52,7 +52,8 @@ def test_join_and_drop_rows():
     assert torch.equal(old.keys[2, :, :3], torch.zeros(2, 3, 4))
 
     # Without row 1, position 0 is padding for every row left, so it goes.
-    mask = drop_rows(cache, mask, torch.tensor([0, 2]))
+    order, mask = keep_rows(cache, mask, [0, 2])
+    assert order == [0, 2]
     assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
     assert torch.equal(old.values[0], old_values[0, :, 1:])
     assert torch.equal(old.values[1, :, 2:], new_values[0])
@@ -60,3 +61,55 @@ def test_join_and_drop_rows():
     old.update(step_keys, step_values)  # writes in place after a crop
     assert torch.equal(old.keys[:, :, -1:], step_keys)
     assert old.get_seq_length() == 6
+
+
+def test_keep_rows_fills_free_slots():
+    layer = GrowingLayer()
+    keys, values = states(4, 5, 3)
+    layer.update(keys, values)
+    buffer = layer.buffers[0]
+    order, mask = keep_rows(Cache([layer]), torch.ones(4, 5, dtype=torch.long), [1, 3])
+
+    assert order == [3, 1]
+    assert mask.shape == (2, 5)
+    assert torch.equal(layer.keys, keys[[3, 1]])
+    assert torch.equal(layer.values, values[[3, 1]])
+    assert layer.buffers[0] is buffer, "keeping rows must not reallocate the cache"
+    # The next step writes after the kept rows' positions, as a dynamic layer of those rows would.
+    reference = DynamicLayer()
+    reference.update(keys[[3, 1]], values[[3, 1]])
+    step_keys, step_values = states(2, 1, 4)
+    assert torch.equal(layer.update(step_keys, step_values)[0], reference.update(step_keys, step_values)[0])
+
+
+def test_join_rows_uses_reserved_rows():
+    layer, incoming = GrowingLayer(), GrowingLayer()
+    layer.row_capacity = 8
+    keys, values = states(2, 4, 5)
+    new_keys, new_values = states(3, 4, 6)
+    layer.update(keys, values)
+    incoming.update(new_keys, new_values)
+    buffer = layer.buffers[0]
+    join_rows(Cache([layer]), torch.ones(2, 4), Cache([incoming]), torch.ones(3, 4))
+
+    assert layer.buffers[0] is buffer
+    assert torch.equal(layer.keys, torch.cat([keys, new_keys]))
+    assert torch.equal(layer.values, torch.cat([values, new_values]))
+
+    # Past the reserved rows the buffers grow, keeping every row.
+    more_keys, more_values = states(4, 4, 7)
+    extra = GrowingLayer()
+    extra.update(more_keys, more_values)
+    join_rows(Cache([layer]), torch.ones(5, 4), Cache([extra]), torch.ones(4, 4))
+    assert layer.buffers[0] is not buffer
+    assert torch.equal(layer.keys, torch.cat([keys, new_keys, more_keys]))
+
+
+def test_batch_select_indices_keeps_rows():
+    layer = GrowingLayer()
+    keys, values = states(3, 4, 8)
+    layer.update(keys, values)
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, keys[[2, 0]])
+    step_keys, step_values = states(2, 1, 9)
+    assert torch.equal(layer.update(step_keys, step_values)[1], torch.cat([values[[2, 0]], step_values], dim=2))

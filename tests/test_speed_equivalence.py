@@ -64,7 +64,10 @@ def one_at_a_time(loaded, prompts: list[str]) -> tuple[list[str], list[int]]:
 
 @pytest.mark.parametrize("batch_size", [4, 16])
 def test_compacting_batches_equal_batch_one(seed_model, data_path, batch_size):
-    """Batch 4: rows join as others finish. Batch 16: finished rows stay until two have finished."""
+    """Batch 4: rows join as others finish. Batch 16: all start together and leave one by one.
+
+    Three of the prompts share a long template prefix, so prefill reuses its keys and values.
+    """
     tokenizer = seed_model.tokenizer
     math = load_dataset_records("gsm8k_test", data_dir=data_path, limit=3)
     safety = load_dataset_records("advbench", data_dir=data_path, limit=3, require_response=False)
