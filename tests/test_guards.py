@@ -344,3 +344,12 @@ def test_overlong_counted_in_train_meta(tmp_path, base, policy, counts):
     assert meta["examples"] == counts
     assert (adapter / "adapter_model.safetensors").is_file()
     shutil.rmtree(output)
+
+
+def test_missing_adapter_fails_before_model_load(tmp_path):
+    """The adapter folder is checked first: a model that does not exist is never reached."""
+    from sdft.models import ModelError, load_model
+
+    with pytest.raises(ModelError) as caught:
+        load_model(str(tmp_path / "no-such-model"), adapter=str(tmp_path / "no-such-adapter"))
+    assert "adapter not found" in str(caught.value)

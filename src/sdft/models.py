@@ -213,6 +213,8 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    if adapter:
+        read_adapter_folder(adapter)  # a missing adapter fails before the base model loads
     path = resolve_model_path(name)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
@@ -242,7 +244,35 @@ def attach_adapter(model, adapter: str, base_path: str, merge: bool):
         ModelError: the adapter folder is incomplete, or its modules, shapes or
             weight names do not fit the base model (one line naming both).
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
+
+    adapter_path = Path(adapter).expanduser()
+    config, weights = read_adapter_folder(adapter)
+    trained_on = config.base_model_name_or_path or "an unrecorded base model"
+    mismatch = f"{adapter}: adapter does not fit the base model {base_path} (it was trained on {trained_on})"
+    advice = "pass the model it was trained on with --model, or retrain the adapter on this one"
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ModelError(f"{mismatch}: {mismatch_reason(err)}; {advice}") from err
+    missing = missing_adapter_weights(model, weights)
+    if missing:
+        raise ModelError(
+            f"{mismatch}: {len(missing)} adapter weight(s) this model needs are not in "
+            f"{weights.name}, e.g. {missing[0]}; {advice}"
+        )
+    if trained_on != base_path:
+        logger.warning("%s: adapter trained on %s, loaded onto %s", adapter, trained_on, base_path)
+    return model.merge_and_unload() if merge else model
+
+
+def read_adapter_folder(adapter: str):
+    """Read an adapter folder's PEFT config and find its weights file.
+
+    Raises:
+        ModelError: the folder has no readable ``adapter_config.json`` or no weights.
+    """
+    from peft import PeftConfig
 
     adapter_path = Path(adapter).expanduser()
     if not (adapter_path / "adapter_config.json").is_file():
@@ -263,22 +293,7 @@ def attach_adapter(model, adapter: str, base_path: str, merge: bool):
             f"{adapter}: adapter weights missing (no {ADAPTER_WEIGHTS[0]}); pass a complete "
             "adapter folder written by 'sdft train'"
         )
-    trained_on = config.base_model_name_or_path or "an unrecorded base model"
-    mismatch = f"{adapter}: adapter does not fit the base model {base_path} (it was trained on {trained_on})"
-    advice = "pass the model it was trained on with --model, or retrain the adapter on this one"
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_path))
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ModelError(f"{mismatch}: {mismatch_reason(err)}; {advice}") from err
-    missing = missing_adapter_weights(model, weights)
-    if missing:
-        raise ModelError(
-            f"{mismatch}: {len(missing)} adapter weight(s) this model needs are not in "
-            f"{weights.name}, e.g. {missing[0]}; {advice}"
-        )
-    if trained_on != base_path:
-        logger.warning("%s: adapter trained on %s, loaded onto %s", adapter, trained_on, base_path)
-    return model.merge_and_unload() if merge else model
+    return config, weights
 
 
 def first_line(err: BaseException) -> str:
