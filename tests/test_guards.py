@@ -147,6 +147,15 @@ def test_output_dir_is_a_file(tmp_path):
     assert target.read_text() == "mine\n"
 
 
+def test_output_dir_under_a_file(tmp_path):
+    parent = tmp_path / "notes.txt"
+    parent.write_text("mine\n")
+    target = parent / "run" / "sub"
+    with pytest.raises(ConfigError) as caught:
+        claim_output(target, identity("distill"), write=False)
+    assert str(caught.value) == f"{target}: cannot create the folder, {parent} is a file; choose another --output-dir"
+
+
 def test_eval_of_another_adapter(tmp_path):
     config = load_config()
     claim_output(tmp_path, output_identity("eval", config, adapter=str(tmp_path / "a")))

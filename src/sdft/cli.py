@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.filename is None:
+            raise
+        # A file or folder the run needs cannot be created or written (permissions, a full disk).
+        print(f"error: {err.filename}: {err.strerror}; check the path, its permissions and free space", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,7 +93,8 @@ class GenerationConfig:
     seed: int = 42
     compact: bool = True
     """Decode as one stream in which finished rows leave the batch and waiting prompts take their
-    places (continuous batching). Off runs ``model.generate`` batch by batch."""
+    places (continuous batching). Off runs ``model.generate`` batch by batch, where one
+    seeded generator serves each batch, so sampled outputs then depend on ``batch_size``."""
     backend: str = "transformers"
     """transformers (any device) or vllm (GPUs, needs the vllm package; single process)."""
     vllm_memory: float = 0.5

@@ -7,6 +7,8 @@ output made from other input, is rejected before any model loads.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 from sdft.config import Config, ConfigError
@@ -44,6 +46,17 @@ def output_identity(kind: str, config: Config, records: list[Record] | None = No
     return identity
 
 
+def check_creatable(output_dir: Path) -> None:
+    """Reject a new output folder whose nearest existing parent is not a writable folder."""
+    parent = next(folder for folder in output_dir.absolute().parents if folder.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"{output_dir}: cannot create the folder, {parent} is a file; choose another --output-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{output_dir}: cannot create the folder, {parent} is not writable; choose another --output-dir"
+        )
+
+
 def claim_output(output_dir: Path, identity: dict, write: bool = True) -> None:
     """Record which command, model and input an output folder contains, or reject the folder.
 
@@ -59,6 +72,7 @@ def claim_output(output_dir: Path, identity: dict, write: bool = True) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"{output_dir}: exists and is not a folder; choose another --output-dir")
     if not output_dir.exists():
+        check_creatable(output_dir)
         if write:
             atomic_write_json(output_dir / OUTPUT_FILE, identity)
         return
