@@ -49,3 +49,21 @@ def run_sdft(*args: str, env: dict | None = None, timeout: int = 600) -> subproc
         timeout=timeout,
         cwd=REPO,
     )
+
+
+@pytest.fixture
+def tiny_llama():
+    """Build a randomly initialized two-layer Llama with grouped-query attention, in eval mode."""
+
+    def build(attention: str = "sdpa"):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=2, attn_implementation=attention,
+        )
+        return LlamaForCausalLM(config).eval()
+
+    return build

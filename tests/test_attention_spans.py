@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -90,17 +89,8 @@ def test_decoding_mask_is_additive():
     assert torch.equal(prefill, sdpa_mask(q_length=5, **arguments))
 
 
-def tiny_model(attention: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, attn_implementation=attention,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def test_span_attention_switch_is_scoped():
-    model = tiny_model("sdpa")
+def test_span_attention_switch_is_scoped(tiny_llama):
+    model = tiny_llama("sdpa")
     with row_span_attention(model) as switched:
         assert switched
         assert model.config._attn_implementation == ROW_SPANS
@@ -111,15 +101,15 @@ def test_span_attention_switch_is_scoped():
             raise RuntimeError("stop")
     assert model.config._attn_implementation == "sdpa"
 
-    eager = tiny_model("eager")
+    eager = tiny_llama("eager")
     with row_span_attention(eager) as switched:
         assert not switched
         assert eager.config._attn_implementation == "eager"
 
 
-def test_spans_reach_attention_layers():
+def test_spans_reach_attention_layers(tiny_llama):
     """A forward with ``row_spans`` gives the logits of a plain padded forward."""
-    model = tiny_model("sdpa")
+    model = tiny_llama("sdpa")
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, 64, (4, 12), generator=generator)
     mask = torch.ones(4, 12, dtype=torch.long)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sdft.data import load_dataset_records
 from sdft.models import load_model
@@ -23,17 +22,8 @@ def test_shared_prefix_length():
     assert shared_prefix_length([[1, 2, 3, 4]]) == 3
 
 
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def test_stored_prefixes_reused_and_bounded():
-    model = tiny_model()
+def test_stored_prefixes_reused_and_bounded(tiny_llama):
+    model = tiny_llama()
     prefixes = SharedPrefixes(model, limit=2)
     template = list(range(1, MIN_SHARED_PREFIX + 4))
     with torch.inference_mode():

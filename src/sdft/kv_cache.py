@@ -73,7 +73,7 @@ class GrowingLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            # One copy of the selected rows, spare positions included; no spare rows are kept.
+            # One copy of the selected rows, spare positions included. No spare rows are kept.
             self.buffers = [buffer[: self.rows].index_select(0, indices) for buffer in self.buffers]
             self.rows = self.row_capacity = len(indices)
             self.refresh_views()
@@ -81,10 +81,12 @@ class GrowingLayer(DynamicLayer):
     def move_rows(self, targets: list[int], sources: list[int], rows: int) -> None:
         """Copy rows ``sources`` into the slots ``targets``, then keep the first ``rows`` rows."""
         if targets:
-            to, source = (torch.tensor(rows_, device=self.buffers[0].device) for rows_ in (targets, sources))
+            device = self.buffers[0].device
+            target_rows = torch.tensor(targets, device=device)
+            source_rows = torch.tensor(sources, device=device)
             for buffer in self.buffers:
                 cached = buffer[:, :, : self.length]
-                cached.index_copy_(0, to, cached.index_select(0, source))
+                cached.index_copy_(0, target_rows, cached.index_select(0, source_rows))
         self.rows = rows
         self.refresh_views()
 
@@ -165,7 +167,9 @@ def keep_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple
 
 
 ROW_SPANS = "sdft_row_spans"  # name of the attention implementation registered below
-SPAN_CALL_COST = 128  # overhead of one more attention call, in rows x positions read
+# Overhead of one more attention call, in rows x positions read. An estimate from timing SDPA
+# calls on a 2-core x86 CPU; other hardware may favour another value.
+SPAN_CALL_COST = 128
 
 
 def row_spans(first_positions: list[int], call_cost: int = SPAN_CALL_COST) -> list[tuple[int, int, int]]:
@@ -180,7 +184,7 @@ def row_spans(first_positions: list[int], call_cost: int = SPAN_CALL_COST) -> li
         start = first_positions[end - 1]
         for begin in range(end - 1, -1, -1):
             start = min(start, first_positions[begin])
-            # Positions before ``start`` are skipped; a common factor of every span's length is left out.
+            # The cost counts skipped positions as negative, so the rows x length that every split shares drops out.
             cost = best[begin] + call_cost - (end - begin) * start
             if cost < best[end]:
                 best[end], cut[end] = cost, begin

@@ -25,7 +25,7 @@ from sdft.config import GenerationConfig
 from sdft.io import stable_hash
 
 PREFILL_GROUP = 16  # prompts prefilled together when they join the stream
-MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is run with each prompt
+MIN_SHARED_PREFIX = 16  # in tokens: a shorter common prefix runs with each prompt
 MAX_PREFIXES = 8  # shared prefixes whose keys and values stay stored for later groups
 
 
@@ -67,9 +67,7 @@ def stream_decode(loaded, prompts: list[list[int]], indices: list[int], settings
                     group = joining[start : start + PREFILL_GROUP]
                     group_ids = [prompts[i] for i in group]
                     reserve = batch_size if cache is None else 0
-                    new_cache, new_mask, logits = prefill(
-                        model, group_ids, tokenizer.pad_token_id, prefixes, reserve
-                    )
+                    new_cache, new_mask, logits = prefill(model, group_ids, tokenizer.pad_token_id, prefixes, reserve)
                     new_last = choose.first(logits, group_ids)
                     if cache is None:
                         cache, mask, last = new_cache, new_mask, new_last
@@ -159,10 +157,11 @@ class SharedPrefixes:
         shared = shared_prefix_length(prompts)
         if shared < MIN_SHARED_PREFIX:
             return 0, None
-        stored = [prefix for prefix in self.entries if len(prefix) <= shared and tuple(prompts[0][: len(prefix)]) == prefix]
+        first = prompts[0]
+        stored = [prefix for prefix in self.entries if len(prefix) <= shared and tuple(first[: len(prefix)]) == prefix]
         best = max(stored, key=len, default=None)
         if best is None or shared - len(best) > MIN_SHARED_PREFIX:
-            best = tuple(prompts[0][:shared])
+            best = tuple(first[:shared])
             self.entries[best] = self.compute(best)
             if len(self.entries) > self.limit:
                 self.entries.popitem(last=False)
@@ -182,7 +181,7 @@ class SharedPrefixes:
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Length of the prefix all ``prompts`` share, leaving each at least one token of its own."""
+    """Return the length of the prefix all ``prompts`` share, leaving each at least one token of its own."""
     limit = min(len(ids) for ids in prompts) - 1
     length = 0
     first = prompts[0]
